@@ -1,0 +1,169 @@
+//! The node's composed libp2p behaviour: one field per protocol.
+//!
+//! Order matters: the swarm asks each behaviour in field order whether to accept a
+//! connection, so the deny list and the limits come first and refuse a connection
+//! before any protocol sets up state for it.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use libp2p::{
+    connection_limits::{self, ConnectionLimits},
+    gossipsub, identify,
+    identity::Keypair,
+    kad::{self, store::MemoryStore},
+    ping,
+    swarm::NetworkBehaviour,
+    StreamProtocol,
+};
+
+use crate::{config::Config, deny};
+
+/// Identify's protocol version: peers on another version are other networks.
+pub const PROTOCOL_VERSION: &str = "/servant/1.0.0";
+/// Servant's private Kademlia DHT (not the IPFS one).
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/servant/kad/1.0.0");
+/// Gossipsub's transmit limit: a little above the envelope limit, so oversize
+/// envelopes reach our validation (and are counted and penalized there) while
+/// anything far larger is cut by gossipsub itself.
+pub const GOSSIPSUB_MAX_TRANSMIT: usize = servant_protocol::limits::MAX_ENVELOPE_BYTES + 16 * 1024;
+/// Ping period and timeout; a failed ping closes the connection, so a peer that
+/// vanished without closing leaves every view within about twice this.
+pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Everything the node speaks.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    /// Refuses denied PeerIds and IP ranges; closes live connections on a new ban.
+    pub deny: deny::Behaviour,
+    /// Hard caps on established and pending connections.
+    pub limits: connection_limits::Behaviour,
+    /// Exchanges listen addresses, protocols and versions; feeds Kademlia.
+    pub identify: identify::Behaviour,
+    /// Liveness and round-trip time.
+    pub ping: ping::Behaviour,
+    /// Peer discovery on Servant's private DHT.
+    pub kad: kad::Behaviour<MemoryStore>,
+    /// Broadcast: signed messages, content-hash ids, validation by the node, scoring.
+    pub gossipsub: gossipsub::Behaviour,
+}
+
+/// Why the behaviour could not be built (a parameter gossipsub refused).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot configure {protocol}: {reason}")]
+pub struct BehaviourError {
+    protocol: &'static str,
+    reason: String,
+}
+
+impl Behaviour {
+    /// Builds every protocol from the node's config.
+    pub fn new(
+        key: &Keypair,
+        config: &Config,
+        deny_list: deny::DenyList,
+    ) -> Result<Self, BehaviourError> {
+        let peer_id = key.public().to_peer_id();
+        let limits = ConnectionLimits::default()
+            .with_max_established(Some(config.max_connections))
+            .with_max_established_per_peer(Some(config.max_connections_per_peer))
+            .with_max_pending_incoming(Some(config.max_pending_connections))
+            .with_max_pending_outgoing(Some(config.max_pending_connections));
+
+        let identify = identify::Behaviour::new(
+            identify::Config::new(PROTOCOL_VERSION.to_string(), key.public())
+                .with_agent_version(format!("servant/{}", crate::VERSION))
+                .with_push_listen_addr_updates(true)
+                .with_cache_size(256),
+        );
+
+        let ping = ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(PING_INTERVAL)
+                .with_timeout(PING_INTERVAL),
+        );
+
+        let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+        kad_config
+            .set_periodic_bootstrap_interval(Some(config.bootstrap_interval.get()))
+            .set_query_timeout(Duration::from_secs(30));
+        let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+        // Until roles arrive with NAT traversal every node answers DHT queries.
+        kad.set_mode(Some(kad::Mode::Server));
+
+        let gossipsub = build_gossipsub(key)?;
+
+        Ok(Behaviour {
+            deny: deny::Behaviour::new(deny_list),
+            limits: connection_limits::Behaviour::new(limits),
+            identify,
+            ping,
+            kad,
+            gossipsub,
+        })
+    }
+}
+
+/// Gossipsub's message id: the BLAKE3 hash of the message bytes, so the same
+/// content is one message however many peers forward it.
+pub fn message_id(message: &gossipsub::Message) -> gossipsub::MessageId {
+    gossipsub::MessageId::from(blake3::hash(&message.data).as_bytes().to_vec())
+}
+
+fn build_gossipsub(key: &Keypair) -> Result<gossipsub::Behaviour, BehaviourError> {
+    let err = |reason: String| BehaviourError {
+        protocol: "gossipsub",
+        reason,
+    };
+    let config = gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .message_id_fn(message_id)
+        .max_transmit_size(GOSSIPSUB_MAX_TRANSMIT)
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    let mut behaviour =
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)
+            .map_err(|e| err(e.to_string()))?;
+    behaviour
+        .with_peer_score(
+            peer_score_params(),
+            gossipsub::PeerScoreThresholds::default(),
+        )
+        .map_err(err)?;
+    Ok(behaviour)
+}
+
+/// Peer scoring beyond the per-topic part: libp2p's defaults, with loopback exempt
+/// from the IP-colocation penalty (many nodes on one host are local processes, as in
+/// tests and benchmarks, not sybils from one address).
+fn peer_score_params() -> gossipsub::PeerScoreParams {
+    let mut params = gossipsub::PeerScoreParams::default();
+    params.ip_colocation_factor_whitelist.extend([
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ]);
+    params
+}
+
+/// Score parameters for a topic this node joins. Mesh-delivery penalties are off:
+/// on a quiet topic an honest peer delivers nothing and would be punished for it.
+/// An invalid message costs -10 (squared per count), so three graylist a peer.
+pub fn topic_score_params() -> gossipsub::TopicScoreParams {
+    gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 3600.0,
+        first_message_deliveries_weight: 1.0,
+        first_message_deliveries_decay: 0.5,
+        first_message_deliveries_cap: 50.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -10.0,
+        invalid_message_deliveries_decay: 0.5,
+        ..gossipsub::TopicScoreParams::default()
+    }
+}

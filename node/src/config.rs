@@ -1,0 +1,752 @@
+//! The node's configuration: defaults, a TOML file, `SERVANT_*` environment
+//! variables and command-line flags, merged in that order of precedence
+//! (flag > env > file > default), then validated as a whole.
+//!
+//! Every key exists in three spellings: `snake_case` in the file, `--kebab-case` as a
+//! flag and `SERVANT_UPPER_CASE` in the environment. [`RunArgs`] is the single list of
+//! overridable keys; the merge is generic (both layers become TOML tables), so a key
+//! cannot be forgotten in one of the layers.
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+
+/// Default TCP and UDP port for the p2p listeners.
+pub const DEFAULT_P2P_PORT: u16 = 4001;
+/// Default address of the HTTP API and metrics.
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:5100";
+
+/// The effective configuration of a node. `Default` gives a standalone first node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the identity, known peers and stored content live.
+    pub data_dir: PathBuf,
+    /// The identity key file; defaults to `<data_dir>/identity.key`. Set it to mount a
+    /// key generated ahead (for example from a Kubernetes Secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_file: Option<PathBuf>,
+    /// Multiaddrs to listen on. The default is TCP and QUIC on port 4001, IPv4 and,
+    /// where the host has it, IPv6.
+    pub listen: Vec<Multiaddr>,
+    /// Addresses to announce to other peers besides the ones they observe, for nodes
+    /// behind a port forward or a load balancer that knows its public address.
+    pub announce: Vec<Multiaddr>,
+    /// Well-known nodes to join through; each ends in `/p2p/<PeerId>`. Empty means this
+    /// is the first node of a new network.
+    pub bootnodes: Vec<Multiaddr>,
+    /// Address of the HTTP API, `/metrics`, `/livez` and `/readyz`.
+    pub api: SocketAddr,
+    /// A file holding the bearer token that `/v1/` requires when the API is bound off
+    /// localhost. Without one, a token is generated in `<data_dir>/api.token`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_token_file: Option<PathBuf>,
+    /// Below this many connected peers the node dials more.
+    pub conn_low: u32,
+    /// Above this many connected peers the node trims the least useful ones.
+    pub conn_high: u32,
+    /// Hard cap on established connections; dials and accepts beyond it are refused.
+    pub max_connections: u32,
+    /// Hard cap on established connections to one peer.
+    pub max_connections_per_peer: u32,
+    /// Hard cap on connections still in their handshake, each direction.
+    pub max_pending_connections: u32,
+    /// PeerIds that may not connect (the seeds' ban list). Runtime bans are kept in the
+    /// data dir and added to these.
+    pub deny_peers: Vec<PeerId>,
+    /// IP ranges that may not connect, as CIDRs (`10.0.0.0/8`, `2001:db8::/32`) or
+    /// single addresses.
+    pub deny_cidrs: Vec<IpNet>,
+    /// Topics the node joins at start, so it relays them even with no local subscriber.
+    pub topics: Vec<String>,
+    /// Broadcasts older than this are rejected; it is what makes late replays harmless.
+    pub max_message_age: HumanDuration,
+    /// How far in the future a broadcast's time may be, for clocks that disagree.
+    pub max_clock_skew: HumanDuration,
+    /// How often Kademlia re-runs its bootstrap to keep the routing table fresh.
+    pub bootstrap_interval: HumanDuration,
+    /// How long a connection with nothing to do stays open.
+    pub idle_connection_timeout: HumanDuration,
+    /// How many peers to remember in the data dir for the next start.
+    pub known_peers_max: u32,
+    /// Log filter: a level (`info`) or tracing directives (`info,libp2p_gossipsub=debug`).
+    /// `RUST_LOG`, when set, is used if neither the flag nor `SERVANT_LOG_LEVEL` is.
+    pub log_level: String,
+    /// `text` for people, `json` for log collectors.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: default_data_dir(),
+            identity_file: None,
+            listen: default_listen(DEFAULT_P2P_PORT, host_has_ipv6()),
+            announce: Vec::new(),
+            bootnodes: Vec::new(),
+            api: SocketAddr::from(([127, 0, 0, 1], 5100)),
+            api_token_file: None,
+            conn_low: 8,
+            conn_high: 32,
+            max_connections: 256,
+            max_connections_per_peer: 2,
+            max_pending_connections: 64,
+            deny_peers: Vec::new(),
+            deny_cidrs: Vec::new(),
+            topics: Vec::new(),
+            max_message_age: HumanDuration(Duration::from_secs(300)),
+            max_clock_skew: HumanDuration(Duration::from_secs(30)),
+            bootstrap_interval: HumanDuration(Duration::from_secs(300)),
+            idle_connection_timeout: HumanDuration(Duration::from_secs(60)),
+            known_peers_max: 256,
+            log_level: "info".to_string(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A duration written the human way (`90s`, `5m`, `1h 30m`) in files, flags and env.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    /// The wrapped duration.
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        humantime::parse_duration(s)
+            .map(HumanDuration)
+            .map_err(|e| format!("{e} (write a duration such as 30s, 5m or 1h)"))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// An invalid configuration. Every variant names what is wrong so an operator can fix
+/// it without reading code; the binary exits with status 2 on any of them.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A key holds a value that cannot be used.
+    #[error("invalid value for `{key}`: `{value}`: {reason}")]
+    Invalid {
+        /// The key as the user wrote it (file key, flag or env variable).
+        key: String,
+        /// The refused value.
+        value: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML, or has an unknown key or a mistyped value.
+    #[error("config file {path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which quotes the line, the key and the value.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, value: impl fmt::Display, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.to_string(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The overridable keys as flags of `servant run`, each also read from its
+/// `SERVANT_*` environment variable. Field names are the file's keys.
+#[derive(Debug, Default, Clone, clap::Args, Serialize)]
+pub struct RunArgs {
+    /// Data directory (identity, known peers, content store).
+    #[arg(long, env = "SERVANT_DATA_DIR", value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Identity key file [default: <data-dir>/identity.key].
+    #[arg(long, env = "SERVANT_IDENTITY_FILE", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_file: Option<PathBuf>,
+    /// Listen multiaddr; repeat or separate with commas.
+    #[arg(long, env = "SERVANT_LISTEN", value_name = "MULTIADDR", value_delimiter = ',', value_parser = parse_multiaddr)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub listen: Vec<Multiaddr>,
+    /// Address to announce besides observed ones; repeat or separate with commas.
+    #[arg(long, env = "SERVANT_ANNOUNCE", value_name = "MULTIADDR", value_delimiter = ',', value_parser = parse_multiaddr)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub announce: Vec<Multiaddr>,
+    /// Bootnode multiaddr ending in /p2p/<PeerId>; repeat or separate with commas.
+    #[arg(long = "bootnode", env = "SERVANT_BOOTNODES", value_name = "MULTIADDR", value_delimiter = ',', value_parser = parse_multiaddr)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bootnodes: Vec<Multiaddr>,
+    /// HTTP API and metrics address [default: 127.0.0.1:5100].
+    #[arg(long, env = "SERVANT_API", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api: Option<SocketAddr>,
+    /// File holding the API bearer token.
+    #[arg(long, env = "SERVANT_API_TOKEN_FILE", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_token_file: Option<PathBuf>,
+    /// Low watermark of connected peers [default: 8].
+    #[arg(long, env = "SERVANT_CONN_LOW", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conn_low: Option<u32>,
+    /// High watermark of connected peers [default: 32].
+    #[arg(long, env = "SERVANT_CONN_HIGH", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conn_high: Option<u32>,
+    /// Maximum established connections [default: 256].
+    #[arg(long, env = "SERVANT_MAX_CONNECTIONS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Maximum established connections per peer [default: 2].
+    #[arg(long, env = "SERVANT_MAX_CONNECTIONS_PER_PEER", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_peer: Option<u32>,
+    /// Maximum connections in handshake, each direction [default: 64].
+    #[arg(long, env = "SERVANT_MAX_PENDING_CONNECTIONS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_pending_connections: Option<u32>,
+    /// PeerId to refuse; repeat or separate with commas.
+    #[arg(long = "deny-peer", env = "SERVANT_DENY_PEERS", value_name = "PEERID", value_delimiter = ',', value_parser = parse_peer_id)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny_peers: Vec<PeerId>,
+    /// IP range (CIDR) or address to refuse; repeat or separate with commas.
+    #[arg(long = "deny-cidr", env = "SERVANT_DENY_CIDRS", value_name = "CIDR", value_delimiter = ',', value_parser = parse_cidr)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny_cidrs: Vec<IpNet>,
+    /// Topic to join at start; repeat or separate with commas.
+    #[arg(
+        long = "topic",
+        env = "SERVANT_TOPICS",
+        value_name = "TOPIC",
+        value_delimiter = ','
+    )]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<String>,
+    /// Maximum broadcast age [default: 5m].
+    #[arg(long, env = "SERVANT_MAX_MESSAGE_AGE", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_message_age: Option<HumanDuration>,
+    /// Tolerated clock skew for broadcast times [default: 30s].
+    #[arg(long, env = "SERVANT_MAX_CLOCK_SKEW", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_clock_skew: Option<HumanDuration>,
+    /// Kademlia bootstrap period [default: 5m].
+    #[arg(long, env = "SERVANT_BOOTSTRAP_INTERVAL", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootstrap_interval: Option<HumanDuration>,
+    /// Idle connection timeout [default: 60s].
+    #[arg(long, env = "SERVANT_IDLE_CONNECTION_TIMEOUT", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_connection_timeout: Option<HumanDuration>,
+    /// Peers remembered for the next start [default: 256].
+    #[arg(long, env = "SERVANT_KNOWN_PEERS_MAX", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub known_peers_max: Option<u32>,
+    /// Log filter (level or tracing directives) [default: info].
+    #[arg(long, env = "SERVANT_LOG_LEVEL", value_name = "FILTER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, env = "SERVANT_LOG_FORMAT", value_name = "FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
+    s.trim()
+        .parse::<Multiaddr>()
+        .map_err(|e| format!("not a multiaddr ({e}); write e.g. /ip4/203.0.113.7/tcp/4001"))
+}
+
+fn parse_peer_id(s: &str) -> Result<PeerId, String> {
+    s.trim()
+        .parse::<PeerId>()
+        .map_err(|e| format!("not a PeerId ({e})"))
+}
+
+/// Parses a CIDR range, or a single address as a one-address range.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| "not an IP range; write e.g. 10.0.0.0/8, 2001:db8::/32 or 192.0.2.7".into())
+}
+
+impl Config {
+    /// Builds the effective config: defaults, then the file (if any), then the flags
+    /// and environment variables in `args` (clap has already applied flag > env), then
+    /// `RUST_LOG` as a fallback log filter, then validation.
+    pub fn load(file: Option<&Path>, args: &RunArgs) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => read_file_table(path)?,
+            None => toml::Table::new(),
+        };
+        let overlay = toml::Table::try_from(args).map_err(|e| ConfigError::Invalid {
+            key: "flags".into(),
+            value: String::new(),
+            reason: e.to_string(),
+        })?;
+        let rust_log = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+        if args.log_level.is_none() {
+            if let Some(filter) = rust_log {
+                table.insert("log_level".into(), toml::Value::String(filter));
+            }
+        }
+        for (key, value) in overlay {
+            table.insert(key, value);
+        }
+        // Flags and env were typed by clap already, so an error here is a mistake in
+        // the file that `read_file_table` could not see on its own.
+        let config =
+            Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::File {
+                path: file.map(Path::to_path_buf).unwrap_or_default(),
+                message: e.to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that are well-typed but unusable, and combinations that
+    /// contradict each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("data_dir", "", "must not be empty"));
+        }
+        if self.listen.is_empty() {
+            return Err(ConfigError::invalid(
+                "listen",
+                "[]",
+                "at least one listen address is needed",
+            ));
+        }
+        for addr in &self.listen {
+            check_listen_addr(addr)?;
+        }
+        for addr in &self.bootnodes {
+            check_bootnode(addr)?;
+        }
+        for addr in &self.announce {
+            if addr.iter().any(|p| matches!(p, Protocol::P2p(_))) {
+                return Err(ConfigError::invalid(
+                    "announce",
+                    addr,
+                    "leave out /p2p/<PeerId>: the node adds its own",
+                ));
+            }
+        }
+        let counts = [
+            ("conn_low", self.conn_low),
+            ("conn_high", self.conn_high),
+            ("max_connections", self.max_connections),
+            ("max_connections_per_peer", self.max_connections_per_peer),
+            ("max_pending_connections", self.max_pending_connections),
+        ];
+        for (key, value) in counts {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, value, "must be at least 1"));
+            }
+        }
+        if self.conn_low > self.conn_high {
+            return Err(ConfigError::invalid(
+                "conn_low",
+                self.conn_low,
+                format!(
+                    "must not exceed conn_high ({}): the node would dial peers it then trims",
+                    self.conn_high
+                ),
+            ));
+        }
+        if self.conn_high > self.max_connections {
+            return Err(ConfigError::invalid(
+                "conn_high",
+                self.conn_high,
+                format!(
+                    "must not exceed max_connections ({}): the watermark could never be reached",
+                    self.max_connections
+                ),
+            ));
+        }
+        for topic in &self.topics {
+            servant_protocol::validate_topic(topic)
+                .map_err(|e| ConfigError::invalid("topics", topic, e.to_string()))?;
+        }
+        let durations = [
+            ("max_message_age", self.max_message_age, 1),
+            ("bootstrap_interval", self.bootstrap_interval, 1),
+            ("idle_connection_timeout", self.idle_connection_timeout, 1),
+        ];
+        for (key, value, min_secs) in durations {
+            if value.get() < Duration::from_secs(min_secs) {
+                return Err(ConfigError::invalid(
+                    key,
+                    value,
+                    format!("must be at least {min_secs}s"),
+                ));
+            }
+        }
+        if self.max_clock_skew.get() > self.max_message_age.get() {
+            return Err(ConfigError::invalid(
+                "max_clock_skew",
+                self.max_clock_skew,
+                format!("must not exceed max_message_age ({})", self.max_message_age),
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return Err(ConfigError::invalid(
+                "log_level",
+                &self.log_level,
+                e.to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The identity key file in effect.
+    pub fn identity_path(&self) -> PathBuf {
+        self.identity_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("identity.key"))
+    }
+
+    /// The effective config as TOML, for `servant run --print-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// PeerIds of the bootnodes; these connections are protected from trimming.
+    pub fn bootnode_peers(&self) -> Vec<(PeerId, Multiaddr)> {
+        self.bootnodes
+            .iter()
+            .filter_map(|addr| match addr.iter().last() {
+                Some(Protocol::P2p(peer)) => Some((peer, addr.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn read_file_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file_error = |e: toml::de::Error| ConfigError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    // Parsing into `Config` first gives errors that quote the line, the key and the
+    // value; the table is what gets merged with the flags.
+    toml::from_str::<Config>(&text).map_err(file_error)?;
+    text.parse::<toml::Table>().map_err(file_error)
+}
+
+fn check_listen_addr(addr: &Multiaddr) -> Result<(), ConfigError> {
+    let parts: Vec<Protocol> = addr.iter().collect();
+    let ok = match parts.as_slice() {
+        [Protocol::Ip4(_) | Protocol::Ip6(_), Protocol::Tcp(_)] => true,
+        [Protocol::Ip4(_) | Protocol::Ip6(_), Protocol::Udp(_), Protocol::QuicV1] => true,
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            "listen",
+            addr,
+            "listen on /ip4|ip6/<addr>/tcp/<port> or /ip4|ip6/<addr>/udp/<port>/quic-v1",
+        ))
+    }
+}
+
+fn check_bootnode(addr: &Multiaddr) -> Result<(), ConfigError> {
+    let first = addr.iter().next();
+    let known_start = matches!(
+        first,
+        Some(
+            Protocol::Ip4(_)
+                | Protocol::Ip6(_)
+                | Protocol::Dns(_)
+                | Protocol::Dns4(_)
+                | Protocol::Dns6(_)
+                | Protocol::Dnsaddr(_)
+        )
+    );
+    if !known_start {
+        return Err(ConfigError::invalid(
+            "bootnodes",
+            addr,
+            "must start with /ip4, /ip6, /dns, /dns4, /dns6 or /dnsaddr",
+        ));
+    }
+    if !matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+        return Err(ConfigError::invalid(
+            "bootnodes",
+            addr,
+            "must end in /p2p/<PeerId> (the bootnode prints its full address at start)",
+        ));
+    }
+    Ok(())
+}
+
+/// The data dir used when none is configured: `$XDG_DATA_HOME/servant`, else
+/// `~/.local/share/servant`, else `./servant-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("servant");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(home).join(".local/share/servant");
+    }
+    PathBuf::from("servant-data")
+}
+
+/// TCP and QUIC listen addresses on all interfaces, IPv6 included if asked.
+pub fn default_listen(port: u16, ipv6: bool) -> Vec<Multiaddr> {
+    let mut addrs = vec![
+        format!("/ip4/0.0.0.0/tcp/{port}"),
+        format!("/ip4/0.0.0.0/udp/{port}/quic-v1"),
+    ];
+    if ipv6 {
+        addrs.push(format!("/ip6/::/tcp/{port}"));
+        addrs.push(format!("/ip6/::/udp/{port}/quic-v1"));
+    }
+    addrs.iter().filter_map(|a| a.parse().ok()).collect()
+}
+
+/// Whether this host can bind an IPv6 socket at all (containers often cannot).
+fn host_has_ipv6() -> bool {
+    std::net::UdpSocket::bind("[::1]:0").is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
+    #[test]
+    fn defaults_are_valid_and_make_a_first_node() {
+        let config = Config::default();
+        config.validate().unwrap();
+        assert!(config.bootnodes.is_empty());
+        assert_eq!(config.api.to_string(), DEFAULT_API_ADDR);
+        assert!(config
+            .listen
+            .iter()
+            .any(|a| a.to_string() == "/ip4/0.0.0.0/tcp/4001"));
+        assert!(config
+            .listen
+            .iter()
+            .any(|a| a.to_string() == "/ip4/0.0.0.0/udp/4001/quic-v1"));
+    }
+
+    /// Every file key has a flag and every flag a file key, with the same name.
+    #[test]
+    fn flags_and_file_keys_are_the_same_set() {
+        let full = toml::Table::try_from(Config {
+            identity_file: Some("x".into()),
+            api_token_file: Some("y".into()),
+            ..Config::default()
+        })
+        .unwrap();
+        let mut file_keys: Vec<String> = full.keys().cloned().collect();
+        file_keys.sort();
+        let mut flag_keys: Vec<String> = Cli::command()
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .filter(|id| id != "help")
+            .collect();
+        flag_keys.sort();
+        assert_eq!(file_keys, flag_keys);
+        for arg in Cli::command().get_arguments() {
+            if arg.get_id() == "help" {
+                continue;
+            }
+            let env = arg.get_env().unwrap().to_str().unwrap().to_string();
+            let expected = format!("SERVANT_{}", arg.get_id().as_str().to_uppercase());
+            assert_eq!(env, expected, "env name of {}", arg.get_id());
+        }
+    }
+
+    #[test]
+    fn printed_config_reads_back() {
+        let config = Config::default();
+        let text = config.to_toml();
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("servant.toml");
+        std::fs::write(
+            &path,
+            "conn_low = 3\nconn_high = 5\nmax_message_age = \"2m\"\n",
+        )
+        .unwrap();
+        let args = RunArgs {
+            conn_high: Some(9),
+            ..RunArgs::default()
+        };
+        let config = Config::load(Some(&path), &args).unwrap();
+        assert_eq!(config.conn_low, 3);
+        assert_eq!(config.conn_high, 9);
+        assert_eq!(config.max_message_age.get(), Duration::from_secs(120));
+    }
+
+    #[test]
+    fn unknown_file_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("servant.toml");
+        std::fs::write(&path, "conn_lwo = 3\n").unwrap();
+        let err = Config::load(Some(&path), &RunArgs::default()).unwrap_err();
+        assert!(err.to_string().contains("conn_lwo"), "{err}");
+    }
+
+    #[test]
+    fn mistyped_file_value_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("servant.toml");
+        std::fs::write(&path, "max_message_age = \"soon\"\n").unwrap();
+        let err = Config::load(Some(&path), &RunArgs::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("max_message_age") && text.contains("soon"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn contradictions_are_refused() {
+        let config = Config {
+            conn_low: 10,
+            conn_high: 5,
+            ..Config::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("conn_low") && err.contains("10"), "{err}");
+
+        let config = Config {
+            conn_high: 500,
+            ..Config::default()
+        };
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn bootnodes_need_a_peer_id() {
+        let mut config = Config::default();
+        config.bootnodes = vec!["/ip4/127.0.0.1/tcp/4001".parse().unwrap()];
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("bootnodes") && err.contains("/p2p/"), "{err}");
+        config.bootnodes = vec![
+            "/dnsaddr/boot.example/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+                .parse()
+                .unwrap(),
+            "/dns4/boot.example/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+                .parse()
+                .unwrap(),
+            "/ip6/::1/udp/4001/quic-v1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+                .parse()
+                .unwrap(),
+        ];
+        config.validate().unwrap();
+        assert_eq!(config.bootnode_peers().len(), 3);
+    }
+
+    #[test]
+    fn cidrs_and_single_addresses_parse() {
+        assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(parse_cidr("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
+        assert_eq!(
+            parse_cidr("2001:db8::1").unwrap().to_string(),
+            "2001:db8::1/128"
+        );
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+        assert!(parse_cidr("example.com").is_err());
+    }
+
+    #[test]
+    fn bad_topic_and_log_filter_are_refused() {
+        let config = Config {
+            topics: vec!["has space".into()],
+            ..Config::default()
+        };
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("topics"));
+        let config = Config {
+            log_level: "info,[[[".into(),
+            ..Config::default()
+        };
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("log_level"));
+    }
+}

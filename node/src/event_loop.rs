@@ -1,0 +1,1119 @@
+//! The event loop: the one task that owns the Swarm.
+//!
+//! It races swarm events, commands from [`Client`](crate::client::Client)s, timers and
+//! the shutdown signal. Each protocol's events go through a handler of their own, so
+//! `on_swarm_event` reads like a table of contents. Nothing in here blocks: file writes
+//! are small (known peers, bans) and happen on timers or on operator commands.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use futures::StreamExt;
+use libp2p::metrics::Recorder;
+use libp2p::{
+    connection_limits,
+    core::transport::ListenerId,
+    core::ConnectedPoint,
+    gossipsub, identify, kad,
+    multiaddr::Protocol,
+    ping,
+    swarm::{
+        dial_opts::{DialOpts, PeerCondition},
+        ConnectionId, DialError, ListenError, SwarmEvent,
+    },
+    Multiaddr, PeerId, Swarm,
+};
+use rand::seq::SliceRandom;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{
+    behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
+    broadcast::Broadcast,
+    client::{
+        BanOutcome, BanView, BootnodeView, Command, CommandError, ConnectOutcome, ConnectTarget,
+        PeerView, Status, TopicView,
+    },
+    config::Config,
+    datadir::DataDir,
+    deny::{self, BanTarget},
+    known_peers::KnownPeers,
+    metrics::{ConnectionLabel, DialLabel, Metrics, ReasonLabel, RejectLabel, TopicLabel},
+    peer_manager::{Candidate, PeerManager, Source},
+};
+
+/// How often the watermarks are checked and gauges refreshed.
+const TICK: Duration = Duration::from_secs(2);
+/// How often known peers are written to the data dir (and at shutdown).
+const SAVE_INTERVAL: Duration = Duration::from_secs(60);
+/// How long shutdown waits for connections to close before giving up on them.
+const CLOSE_GRACE: Duration = Duration::from_millis(1500);
+
+/// What `/livez` and `/readyz` read, published by the loop on every tick.
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// When the loop last ran its tick; a stale value means the loop is stuck.
+    pub last_tick: Instant,
+    /// Whether the node is ready to serve (see [`EventLoop::is_ready`]).
+    pub ready: bool,
+    /// Why not, when not ready.
+    pub not_ready_reason: Option<String>,
+}
+
+struct ConnInfo {
+    addr: Multiaddr,
+    outbound: bool,
+}
+
+struct PeerState {
+    connections: HashMap<ConnectionId, ConnInfo>,
+    since_unix: u64,
+    since: Instant,
+    agent: Option<String>,
+    protocol_version: Option<String>,
+    rtt: Option<Duration>,
+}
+
+/// The loop's state; built by [`crate::node`], then driven by [`EventLoop::run`].
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    data_dir: DataDir,
+    metrics: Metrics,
+    libp2p_metrics: libp2p::metrics::Metrics,
+    broadcast: Broadcast,
+    peer_manager: PeerManager,
+    known: KnownPeers,
+    peers: HashMap<PeerId, PeerState>,
+    pending_connects: HashMap<ConnectionId, oneshot::Sender<Result<ConnectOutcome, CommandError>>>,
+    dial_sources: HashMap<ConnectionId, (Option<PeerId>, Source)>,
+    health: watch::Sender<Health>,
+    started: Instant,
+    bootstrapped: bool,
+    first_node: bool,
+    listeners: Vec<ListenerId>,
+    local: PeerId,
+}
+
+/// The parts [`EventLoop::new`] needs.
+pub struct Parts {
+    /// The built swarm, not yet listening.
+    pub swarm: Swarm<Behaviour>,
+    /// Where commands arrive.
+    pub commands: mpsc::Receiver<Command>,
+    /// The open data dir.
+    pub data_dir: DataDir,
+    /// Servant's metric families.
+    pub metrics: Metrics,
+    /// libp2p's metric recorders.
+    pub libp2p_metrics: libp2p::metrics::Metrics,
+    /// Where health snapshots go.
+    pub health: watch::Sender<Health>,
+}
+
+/// Listening failed on every configured address.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on any configured address: {0}")]
+pub struct ListenFailed(pub String);
+
+impl EventLoop {
+    /// Prepares the loop: joins configured topics, seeds the routing table with the
+    /// bootnodes and known peers, and starts the listeners.
+    pub fn new(parts: Parts, config: &Config) -> Result<EventLoop, ListenFailed> {
+        let Parts {
+            mut swarm,
+            commands,
+            data_dir,
+            metrics,
+            libp2p_metrics,
+            health,
+        } = parts;
+        let local = *swarm.local_peer_id();
+        let known = KnownPeers::load(
+            &data_dir.known_peers_path(),
+            config.known_peers_max as usize,
+            local,
+        );
+        let mut broadcast = Broadcast::new(
+            local,
+            config.max_message_age.get(),
+            config.max_clock_skew.get(),
+        );
+        for topic in &config.topics {
+            // Validated with the config; a failure here is gossipsub's own.
+            if let Err(e) = broadcast.join(&mut swarm.behaviour_mut().gossipsub, topic, true) {
+                tracing::error!(topic, error = %e, "cannot join configured topic");
+            }
+        }
+        let bootnodes = config.bootnode_peers();
+        for (peer, addr) in &bootnodes {
+            swarm.behaviour_mut().kad.add_address(peer, addr.clone());
+        }
+        for peer in known.candidates() {
+            if swarm.behaviour().deny.list().denies_peer(&peer.peer_id) {
+                continue;
+            }
+            for addr in peer.addrs {
+                swarm.behaviour_mut().kad.add_address(&peer.peer_id, addr);
+            }
+        }
+        for addr in &config.announce {
+            swarm.add_external_address(addr.clone());
+        }
+        let mut errors = Vec::new();
+        let mut listeners = Vec::new();
+        for addr in &config.listen {
+            match swarm.listen_on(addr.clone()) {
+                Ok(id) => listeners.push(id),
+                Err(e) => {
+                    tracing::error!(%addr, error = %e, "cannot listen");
+                    errors.push(format!("{addr}: {e}"));
+                }
+            }
+        }
+        if listeners.is_empty() {
+            return Err(ListenFailed(errors.join("; ")));
+        }
+        metrics.known_peers.set(known.len() as i64);
+        Ok(EventLoop {
+            peer_manager: PeerManager::new(
+                config.conn_low as usize,
+                config.conn_high as usize,
+                bootnodes,
+            ),
+            first_node: config.bootnodes.is_empty(),
+            listeners,
+            swarm,
+            commands,
+            data_dir,
+            metrics,
+            libp2p_metrics,
+            broadcast,
+            known,
+            peers: HashMap::new(),
+            pending_connects: HashMap::new(),
+            dial_sources: HashMap::new(),
+            health,
+            started: Instant::now(),
+            bootstrapped: false,
+            local,
+        })
+    }
+
+    /// Drives the swarm until every listener reported its addresses (or `timeout`),
+    /// so the caller can print dialable addresses. Returns them with `/p2p/<id>`.
+    pub async fn wait_for_listeners(&mut self, timeout: Duration) -> Vec<Multiaddr> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let expected = self.listeners.len();
+        let mut reported = std::collections::HashSet::new();
+        while reported.len() < expected {
+            let event = tokio::select! {
+                event = self.swarm.select_next_some() => event,
+                _ = tokio::time::sleep_until(deadline) => break,
+            };
+            match &event {
+                SwarmEvent::NewListenAddr { listener_id, .. } => {
+                    reported.insert(*listener_id);
+                }
+                SwarmEvent::ListenerClosed { listener_id, .. }
+                | SwarmEvent::ListenerError { listener_id, .. } => {
+                    reported.insert(*listener_id);
+                }
+                _ => {}
+            }
+            self.on_swarm_event(event);
+        }
+        self.listen_addrs()
+    }
+
+    fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.swarm
+            .listeners()
+            .map(|a| a.clone().with(Protocol::P2p(self.local)))
+            .collect()
+    }
+
+    /// Runs until `shutdown` completes or every client is gone, then closes down
+    /// gracefully: listeners removed, state saved, connections closed.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut save = tokio::time::interval(SAVE_INTERVAL);
+        save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        save.tick().await;
+        if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+            tracing::debug!(error = %e, "no peer to bootstrap from yet");
+        }
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+                _ = tick.tick() => self.on_tick(),
+                _ = save.tick() => self.save_state(),
+                _ = &mut shutdown => break,
+            }
+        }
+        self.close().await;
+    }
+
+    async fn close(mut self) {
+        tracing::info!("shutting down");
+        for id in std::mem::take(&mut self.listeners) {
+            self.swarm.remove_listener(id);
+        }
+        self.save_state();
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+        while self.swarm.connected_peers().next().is_some() {
+            tokio::select! {
+                event = self.swarm.select_next_some() => {
+                    if let SwarmEvent::ConnectionClosed { .. } = event {
+                        self.on_swarm_event(event);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        self.known_save();
+        tracing::info!("stopped");
+    }
+
+    fn save_state(&mut self) {
+        self.known_save();
+        if let Err(e) = self
+            .swarm
+            .behaviour()
+            .deny
+            .list()
+            .save(&self.data_dir.bans_path())
+        {
+            tracing::error!(error = %e, "cannot save bans");
+        }
+    }
+
+    fn known_save(&mut self) {
+        if let Err(e) = self.known.save() {
+            tracing::warn!(error = %e, "cannot save known peers");
+        }
+    }
+
+    // ---------------------------------------------------------------- swarm events
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.libp2p_metrics.record(&event);
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => self.on_identify(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => self.on_ping(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.on_gossipsub(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Deny(never)) => match never {},
+            SwarmEvent::Behaviour(BehaviourEvent::Limits(never)) => match never {},
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => self.on_established(peer_id, connection_id, endpoint, num_established.get()),
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                cause,
+            } => self.on_closed(peer_id, connection_id, endpoint, num_established, cause),
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => self.on_dial_error(connection_id, peer_id, error),
+            SwarmEvent::IncomingConnectionError {
+                error,
+                send_back_addr,
+                ..
+            } => self.on_incoming_error(error, send_back_addr),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(address = %address.with(Protocol::P2p(self.local)), "listening");
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                tracing::info!(%address, "no longer listening");
+            }
+            SwarmEvent::ListenerError { error, .. } => {
+                tracing::warn!(%error, "listener error");
+            }
+            SwarmEvent::ListenerClosed {
+                addresses, reason, ..
+            } => {
+                tracing::warn!(?addresses, ?reason, "listener closed");
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "external address confirmed");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_established(
+        &mut self,
+        peer: PeerId,
+        connection_id: ConnectionId,
+        endpoint: ConnectedPoint,
+        num_established: u32,
+    ) {
+        let now = Instant::now();
+        let (addr, outbound) = match &endpoint {
+            ConnectedPoint::Dialer { address, .. } => (address.clone(), true),
+            ConnectedPoint::Listener { send_back_addr, .. } => (send_back_addr.clone(), false),
+        };
+        if outbound {
+            self.known.record(peer, [addr.clone()]);
+        }
+        self.metrics
+            .connections
+            .get_or_create(&connection_label(&addr, outbound))
+            .inc();
+        let state = self.peers.entry(peer).or_insert_with(|| PeerState {
+            connections: HashMap::new(),
+            since_unix: unix_secs(),
+            since: now,
+            agent: None,
+            protocol_version: None,
+            rtt: None,
+        });
+        state.connections.insert(
+            connection_id,
+            ConnInfo {
+                addr: addr.clone(),
+                outbound,
+            },
+        );
+        if num_established == 1 {
+            self.peer_manager.on_connected(peer, now);
+            tracing::debug!(%peer, %addr, outbound, "connected");
+        }
+        self.dial_sources.remove(&connection_id);
+        if let Some(reply) = self.pending_connects.remove(&connection_id) {
+            self.peer_manager.protect(peer);
+            let _ = reply.send(Ok(ConnectOutcome {
+                peer_id: peer.to_string(),
+                addr: addr.to_string(),
+                already_connected: false,
+            }));
+        }
+        self.metrics
+            .connected_peers
+            .set(self.peer_manager.connected_count() as i64);
+    }
+
+    fn on_closed(
+        &mut self,
+        peer: PeerId,
+        connection_id: ConnectionId,
+        endpoint: ConnectedPoint,
+        num_established: u32,
+        cause: Option<libp2p::swarm::ConnectionError>,
+    ) {
+        let (addr, outbound) = match &endpoint {
+            ConnectedPoint::Dialer { address, .. } => (address, true),
+            ConnectedPoint::Listener { send_back_addr, .. } => (send_back_addr, false),
+        };
+        self.metrics
+            .connections
+            .get_or_create(&connection_label(addr, outbound))
+            .dec();
+        if let Some(state) = self.peers.get_mut(&peer) {
+            state.connections.remove(&connection_id);
+        }
+        if num_established == 0 {
+            self.peers.remove(&peer);
+            self.peer_manager.on_disconnected(peer, Instant::now());
+            tracing::debug!(%peer, cause = ?cause, "disconnected");
+        }
+        self.metrics
+            .connected_peers
+            .set(self.peer_manager.connected_count() as i64);
+    }
+
+    fn on_dial_error(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: Option<PeerId>,
+        error: DialError,
+    ) {
+        let source = self.dial_sources.remove(&connection_id);
+        if let Some(reply) = self.pending_connects.remove(&connection_id) {
+            let err = match &error {
+                DialError::Denied { cause } => CommandError::Denied(cause.to_string()),
+                DialError::NoAddresses => {
+                    CommandError::NoAddress(peer.map(|p| p.to_string()).unwrap_or_default())
+                }
+                other => CommandError::DialFailed(other.to_string()),
+            };
+            let _ = reply.send(Err(err));
+        }
+        if let DialError::Denied { cause } = &error {
+            self.count_denied(cause);
+        }
+        let Some(peer) = peer.or(source.and_then(|(p, _)| p)) else {
+            return;
+        };
+        let source = source.map(|(_, s)| s);
+        if let Some(source) = source {
+            self.metrics
+                .dial_failures
+                .get_or_create(&DialLabel {
+                    purpose: source.label(),
+                })
+                .inc();
+        }
+        // A dial to a connected peer (a second address, say) failing is no news.
+        if self.swarm.is_connected(&peer) {
+            return;
+        }
+        let retry = self.peer_manager.on_dial_failure(peer, Instant::now());
+        if self.peer_manager.is_bootnode(&peer) {
+            tracing::warn!(%peer, error = %error, retry_in = ?retry, "bootnode unreachable; retrying with backoff");
+        } else {
+            tracing::debug!(%peer, error = %error, retry_in = ?retry, "dial failed");
+        }
+    }
+
+    fn on_incoming_error(&mut self, error: ListenError, from: Multiaddr) {
+        match &error {
+            ListenError::Denied { cause } => {
+                self.count_denied(cause);
+                tracing::debug!(%from, %cause, "refused inbound connection");
+            }
+            other => tracing::debug!(%from, error = %other, "inbound connection failed"),
+        }
+    }
+
+    fn count_denied(&self, cause: &libp2p::swarm::ConnectionDenied) {
+        let reason = if let Some(denied) = cause.downcast_ref::<deny::Denied>() {
+            denied.reason()
+        } else if cause
+            .downcast_ref::<connection_limits::Exceeded>()
+            .is_some()
+        {
+            "limit"
+        } else {
+            "other"
+        };
+        self.metrics
+            .connections_denied
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    fn on_identify(&mut self, event: identify::Event) {
+        self.libp2p_metrics.record(&event);
+        let identify::Event::Received { peer_id, info, .. } = event else {
+            return;
+        };
+        if let Some(state) = self.peers.get_mut(&peer_id) {
+            state.agent = Some(info.agent_version.clone());
+            state.protocol_version = Some(info.protocol_version.clone());
+        }
+        let dialable: Vec<Multiaddr> = info.listen_addrs.into_iter().filter(is_dialable).collect();
+        // Only peers that speak our DHT go into the routing table; others (a
+        // py-libp2p peer on a topic, say) stay connected but are not handed out.
+        if info.protocols.contains(&KAD_PROTOCOL) {
+            for addr in &dialable {
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer_id, addr.clone());
+            }
+            self.known.record(peer_id, dialable);
+        }
+    }
+
+    fn on_ping(&mut self, event: ping::Event) {
+        self.libp2p_metrics.record(&event);
+        match event.result {
+            Ok(rtt) => {
+                if let Some(state) = self.peers.get_mut(&event.peer) {
+                    state.rtt = Some(rtt);
+                }
+            }
+            // A peer without ping is not dead; it just cannot be measured.
+            Err(ping::Failure::Unsupported) => {}
+            Err(e) => {
+                tracing::debug!(peer = %event.peer, error = %e, "ping failed; closing the connection");
+                self.metrics.ping_failures.inc();
+                self.swarm.close_connection(event.connection);
+            }
+        }
+    }
+
+    fn on_kad(&mut self, event: kad::Event) {
+        self.libp2p_metrics.record(&event);
+        if let kad::Event::OutboundQueryProgressed {
+            result: kad::QueryResult::Bootstrap(result),
+            step,
+            ..
+        } = event
+        {
+            match result {
+                Ok(ok) => {
+                    if step.last || ok.num_remaining == 0 {
+                        if !self.bootstrapped {
+                            tracing::info!("bootstrapped into the DHT");
+                        }
+                        self.bootstrapped = true;
+                        self.metrics.bootstrapped.set(1);
+                        self.metrics
+                            .bootstrap_runs
+                            .get_or_create(&ReasonLabel { reason: "ok" })
+                            .inc();
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "bootstrap did not complete");
+                    self.metrics
+                        .bootstrap_runs
+                        .get_or_create(&ReasonLabel { reason: "timeout" })
+                        .inc();
+                }
+            }
+        }
+    }
+
+    fn on_gossipsub(&mut self, event: gossipsub::Event) {
+        self.libp2p_metrics.record(&event);
+        let gossipsub::Event::Message {
+            propagation_source,
+            message_id,
+            message,
+        } = event
+        else {
+            return;
+        };
+        let label = self.broadcast.label(message.topic.as_str());
+        let (acceptance, outcome) = match self.broadcast.validate(&message, propagation_source) {
+            Ok(delivery) => {
+                self.metrics
+                    .messages_received
+                    .get_or_create(&TopicLabel { topic: label })
+                    .inc();
+                let age = crate::broadcast::unix_ms().saturating_sub(delivery.envelope.time);
+                self.metrics.message_latency.observe(age as f64 / 1000.0);
+                (gossipsub::MessageAcceptance::Accept, None)
+            }
+            Err(rejection) => {
+                self.metrics
+                    .messages_rejected
+                    .get_or_create(&RejectLabel {
+                        topic: label,
+                        reason: rejection.reason,
+                    })
+                    .inc();
+                let acceptance = rejection.acceptance.clone();
+                (acceptance, Some(rejection))
+            }
+        };
+        if let Some(rejection) = outcome {
+            if rejection.reason != "duplicate" {
+                tracing::debug!(
+                    from = %propagation_source,
+                    reason = rejection.reason,
+                    detail = rejection.detail,
+                    "refused broadcast"
+                );
+            }
+        }
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(&message_id, &propagation_source, acceptance);
+    }
+
+    // ---------------------------------------------------------------- timers
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        self.broadcast
+            .leave_idle(&mut self.swarm.behaviour_mut().gossipsub, now);
+        let candidates = self.candidates();
+        let plan = {
+            let gossipsub = &self.swarm.behaviour().gossipsub;
+            let peers = &self.peers;
+            let mesh: std::collections::HashSet<PeerId> =
+                gossipsub.all_mesh_peers().copied().collect();
+            self.peer_manager.plan(now, candidates, |peer| {
+                usefulness(
+                    peer,
+                    &mesh,
+                    gossipsub.peer_score(peer),
+                    peers.get(peer),
+                    now,
+                )
+            })
+        };
+        for candidate in plan.dial {
+            self.dial(candidate);
+        }
+        for peer in plan.trim {
+            tracing::debug!(%peer, "trimming connection above the high watermark");
+            self.metrics.peers_trimmed.inc();
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        if plan.discover {
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .get_closest_peers(PeerId::random());
+        }
+        let routing_table_size = self.routing_table_size();
+        self.metrics
+            .routing_table_peers
+            .set(routing_table_size as i64);
+        self.metrics.known_peers.set(self.known.len() as i64);
+        let (ready, reason) = self.readiness();
+        self.metrics.ready.set(i64::from(ready));
+        self.health.send_replace(Health {
+            last_tick: now,
+            ready,
+            not_ready_reason: reason,
+        });
+    }
+
+    /// Ready: at least one peer and a non-empty routing table, or a first node
+    /// (no bootnodes), which is the network and has nobody to wait for.
+    fn readiness(&mut self) -> (bool, Option<String>) {
+        if self.first_node {
+            return (true, None);
+        }
+        if self.peer_manager.connected_count() == 0 {
+            return (false, Some("no connected peer".into()));
+        }
+        if self.routing_table_size() == 0 {
+            return (false, Some("routing table is empty".into()));
+        }
+        (true, None)
+    }
+
+    fn routing_table_size(&mut self) -> usize {
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|b| b.num_entries())
+            .sum()
+    }
+
+    fn candidates(&mut self) -> Vec<Candidate> {
+        let mut list = Vec::new();
+        let local = self.local;
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                let peer = *entry.node.key.preimage();
+                let addrs: Vec<Multiaddr> = entry.node.value.iter().cloned().collect();
+                list.push(Candidate {
+                    peer,
+                    addrs,
+                    source: Source::Discovered,
+                });
+            }
+        }
+        list.shuffle(&mut rand::thread_rng());
+        for peer in self.known.candidates() {
+            list.push(Candidate {
+                peer: peer.peer_id,
+                addrs: peer.addrs,
+                source: Source::Known,
+            });
+        }
+        let deny = self.swarm.behaviour().deny.list();
+        list.retain(|c| c.peer != local && !deny.denies_peer(&c.peer));
+        list
+    }
+
+    fn dial(&mut self, candidate: Candidate) {
+        let Candidate {
+            peer,
+            addrs,
+            source,
+        } = candidate;
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        let connection_id = opts.connection_id();
+        self.metrics
+            .dials
+            .get_or_create(&DialLabel {
+                purpose: source.label(),
+            })
+            .inc();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.peer_manager.on_dialing(peer, Instant::now());
+                self.dial_sources
+                    .insert(connection_id, (Some(peer), source));
+            }
+            Err(DialError::DialPeerConditionFalse(_)) => {}
+            Err(e) => {
+                self.peer_manager.on_dial_failure(peer, Instant::now());
+                tracing::debug!(%peer, error = %e, "dial not started");
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- commands
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Peers(reply) => {
+                let _ = reply.send(self.peer_views());
+            }
+            Command::Connect { target, reply } => self.connect(target, reply),
+            Command::Ban { target, reply } => {
+                let _ = reply.send(Ok(self.ban(target)));
+            }
+            Command::Unban { target, reply } => {
+                let _ = reply.send(self.unban(target));
+            }
+            Command::Bans(reply) => {
+                let views = self
+                    .swarm
+                    .behaviour()
+                    .deny
+                    .list()
+                    .entries()
+                    .into_iter()
+                    .map(|(target, from_config)| BanView {
+                        target: target.to_string(),
+                        source: if from_config { "config" } else { "runtime" }.into(),
+                    })
+                    .collect();
+                let _ = reply.send(views);
+            }
+            Command::Publish {
+                topic,
+                title,
+                body,
+                reply,
+            } => {
+                let label = self.broadcast.label(&topic);
+                let result = self.broadcast.publish(
+                    &mut self.swarm.behaviour_mut().gossipsub,
+                    &topic,
+                    title,
+                    body,
+                );
+                if result.is_ok() {
+                    self.metrics
+                        .messages_published
+                        .get_or_create(&TopicLabel { topic: label })
+                        .inc();
+                }
+                let _ = reply.send(result.map_err(CommandError::from));
+            }
+            Command::Subscribe { topic, reply } => {
+                let result = self
+                    .broadcast
+                    .join(&mut self.swarm.behaviour_mut().gossipsub, &topic, false)
+                    .map_err(CommandError::from);
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    fn connect(
+        &mut self,
+        target: ConnectTarget,
+        reply: oneshot::Sender<Result<ConnectOutcome, CommandError>>,
+    ) {
+        let (peer, opts) = match &target {
+            ConnectTarget::Addr(addr) => match addr.iter().last() {
+                Some(Protocol::P2p(peer)) => (
+                    Some(peer),
+                    DialOpts::peer_id(peer)
+                        .addresses(vec![addr.clone()])
+                        .condition(PeerCondition::Always)
+                        .build(),
+                ),
+                _ => (
+                    None,
+                    DialOpts::unknown_peer_id().address(addr.clone()).build(),
+                ),
+            },
+            ConnectTarget::Peer(peer) => {
+                let mut addrs = self.known.addrs(peer);
+                addrs.extend(self.routing_addrs(peer));
+                (
+                    Some(*peer),
+                    DialOpts::peer_id(*peer)
+                        .addresses(addrs)
+                        .condition(PeerCondition::Always)
+                        .build(),
+                )
+            }
+        };
+        if let Some(peer) = peer {
+            if peer == self.local {
+                let _ = reply.send(Err(CommandError::Invalid("that is this node".into())));
+                return;
+            }
+            if self.swarm.is_connected(&peer) {
+                self.peer_manager.protect(peer);
+                let addr = self
+                    .peers
+                    .get(&peer)
+                    .and_then(|s| s.connections.values().next())
+                    .map(|c| c.addr.to_string())
+                    .unwrap_or_default();
+                let _ = reply.send(Ok(ConnectOutcome {
+                    peer_id: peer.to_string(),
+                    addr,
+                    already_connected: true,
+                }));
+                return;
+            }
+        }
+        let connection_id = opts.connection_id();
+        self.metrics
+            .dials
+            .get_or_create(&DialLabel {
+                purpose: Source::Api.label(),
+            })
+            .inc();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.dial_sources.insert(connection_id, (peer, Source::Api));
+                self.pending_connects.insert(connection_id, reply);
+            }
+            Err(DialError::NoAddresses) => {
+                let _ = reply.send(Err(CommandError::NoAddress(target.to_string())));
+            }
+            Err(DialError::Denied { cause }) => {
+                let _ = reply.send(Err(CommandError::Denied(cause.to_string())));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(CommandError::DialFailed(e.to_string())));
+            }
+        }
+    }
+
+    fn routing_addrs(&mut self, peer: &PeerId) -> Vec<Multiaddr> {
+        let mut addrs = Vec::new();
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                if entry.node.key.preimage() == peer {
+                    addrs.extend(entry.node.value.iter().cloned());
+                }
+            }
+        }
+        addrs
+    }
+
+    fn ban(&mut self, target: BanTarget) -> BanOutcome {
+        let behaviour = self.swarm.behaviour_mut();
+        let result = behaviour.deny.ban(target);
+        if let BanTarget::Peer(peer) = target {
+            behaviour.gossipsub.blacklist_peer(&peer);
+            behaviour.kad.remove_peer(&peer);
+            self.known.remove(&peer);
+            self.peer_manager.forget(&peer);
+        }
+        if let Err(e) = self
+            .swarm
+            .behaviour()
+            .deny
+            .list()
+            .save(&self.data_dir.bans_path())
+        {
+            tracing::error!(error = %e, "cannot save bans; the ban holds until restart only");
+        }
+        tracing::info!(%target, closed = result.unwrap_or(0), "banned");
+        BanOutcome {
+            target: target.to_string(),
+            changed: result.is_some(),
+            closed_connections: result.unwrap_or(0),
+        }
+    }
+
+    fn unban(&mut self, target: BanTarget) -> Result<BanOutcome, CommandError> {
+        let behaviour = self.swarm.behaviour_mut();
+        let changed = behaviour
+            .deny
+            .unban(&target)
+            .map_err(|e| CommandError::Invalid(e.to_string()))?;
+        if let BanTarget::Peer(peer) = target {
+            behaviour.gossipsub.remove_blacklisted_peer(&peer);
+        }
+        if let Err(e) = self
+            .swarm
+            .behaviour()
+            .deny
+            .list()
+            .save(&self.data_dir.bans_path())
+        {
+            tracing::error!(error = %e, "cannot save bans");
+        }
+        tracing::info!(%target, changed, "unbanned");
+        Ok(BanOutcome {
+            target: target.to_string(),
+            changed,
+            closed_connections: 0,
+        })
+    }
+
+    fn status(&mut self) -> Status {
+        let routing_table_size = self.routing_table_size();
+        let (ready, _) = self.readiness();
+        let gossipsub = &self.swarm.behaviour().gossipsub;
+        let topics = self
+            .broadcast
+            .topics()
+            .into_iter()
+            .map(|name| {
+                let hash = gossipsub::IdentTopic::new(name.as_str()).hash();
+                let peers = gossipsub
+                    .all_peers()
+                    .filter(|(_, topics)| topics.contains(&&hash))
+                    .count();
+                let mesh_peers = gossipsub.mesh_peers(&hash).count();
+                TopicView {
+                    name,
+                    peers,
+                    mesh_peers,
+                }
+            })
+            .collect();
+        Status {
+            peer_id: self.local.to_string(),
+            agent: format!("servant/{}", crate::VERSION),
+            listen_addrs: self.listen_addrs().iter().map(|a| a.to_string()).collect(),
+            external_addrs: self
+                .swarm
+                .external_addresses()
+                .map(|a| a.to_string())
+                .collect(),
+            role: "undecided".into(),
+            reachability: "unknown".into(),
+            connected_peers: self.peer_manager.connected_count(),
+            connections: self.peers.values().map(|p| p.connections.len()).sum(),
+            routing_table_size,
+            known_peers: self.known.len(),
+            topics,
+            bootnodes: self
+                .peer_manager
+                .bootnodes()
+                .into_iter()
+                .map(|(addr, connected)| BootnodeView {
+                    addr: addr.to_string(),
+                    connected,
+                })
+                .collect(),
+            bootstrapped: self.bootstrapped,
+            ready,
+            uptime_secs: self.started.elapsed().as_secs(),
+        }
+    }
+
+    fn peer_views(&self) -> Vec<PeerView> {
+        let gossipsub = &self.swarm.behaviour().gossipsub;
+        let mut views: Vec<PeerView> = self
+            .peers
+            .iter()
+            .map(|(peer, state)| {
+                let inbound = state.connections.values().any(|c| !c.outbound);
+                let outbound = state.connections.values().any(|c| c.outbound);
+                let direction = match (inbound, outbound) {
+                    (true, true) => "both",
+                    (false, true) => "outbound",
+                    _ => "inbound",
+                };
+                PeerView {
+                    peer_id: peer.to_string(),
+                    addrs: state
+                        .connections
+                        .values()
+                        .map(|c| c.addr.to_string())
+                        .collect(),
+                    direction: direction.into(),
+                    agent: state.agent.clone(),
+                    protocol_version: state.protocol_version.clone(),
+                    rtt_ms: state.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                    connected_since: state.since_unix,
+                    protected: self.peer_manager.is_protected(peer),
+                    gossipsub_score: gossipsub.peer_score(peer),
+                }
+            })
+            .collect();
+        views.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        views
+    }
+}
+
+/// How much a connection is worth keeping; the lowest are trimmed first.
+fn usefulness(
+    peer: &PeerId,
+    mesh: &std::collections::HashSet<PeerId>,
+    gossip_score: Option<f64>,
+    state: Option<&PeerState>,
+    now: Instant,
+) -> f64 {
+    let mut score = 0.0;
+    if mesh.contains(peer) {
+        score += 100.0;
+    }
+    score += gossip_score.unwrap_or(0.0).clamp(-100.0, 100.0);
+    if let Some(state) = state {
+        // Peers we chose are worth more than peers that chose us: an attacker can
+        // fill our inbound slots, not our outbound ones.
+        if state.connections.values().any(|c| c.outbound) {
+            score += 10.0;
+        }
+        score += (now.duration_since(state.since).as_secs_f64() / 60.0).min(30.0);
+    }
+    score
+}
+
+fn connection_label(addr: &Multiaddr, outbound: bool) -> ConnectionLabel {
+    let transport = if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
+        "relay"
+    } else if addr.iter().any(|p| matches!(p, Protocol::QuicV1)) {
+        "quic"
+    } else if addr.iter().any(|p| matches!(p, Protocol::Tcp(_))) {
+        "tcp"
+    } else {
+        "other"
+    };
+    ConnectionLabel {
+        direction: if outbound { "outbound" } else { "inbound" },
+        transport,
+    }
+}
+
+fn is_dialable(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => !ip.is_unspecified(),
+        Some(Protocol::Ip6(ip)) => !ip.is_unspecified(),
+        Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_) | Protocol::Dnsaddr(_)) => {
+            true
+        }
+        _ => false,
+    }
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

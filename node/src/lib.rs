@@ -1,0 +1,39 @@
+//! Servant: a production peer-to-peer node on rust-libp2p.
+//!
+//! The library holds everything; the `servant` binary only parses the command line
+//! ([`cli`]) and calls [`Node::start`]. Integration tests and benchmarks start nodes
+//! the same way, in process or as processes.
+//!
+//! A map of the modules, in the order a request travels:
+//! [`cli`] → [`api`] (HTTP) → [`client`] (typed commands) → [`event_loop`] (owns the
+//! Swarm) → [`behaviour`] (the protocols) with [`broadcast`], [`peer_manager`],
+//! [`deny`] and [`known_peers`] deciding what happens; [`config`], [`identity`],
+//! [`datadir`], [`metrics`] and [`logging`] around them.
+
+#![deny(missing_docs)]
+
+pub mod api;
+// The NetworkBehaviour derive generates an event enum without doc comments.
+#[allow(missing_docs)]
+pub mod behaviour;
+pub mod broadcast;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod datadir;
+pub mod deny;
+pub mod event_loop;
+pub mod identity;
+pub mod known_peers;
+pub mod logging;
+pub mod metrics;
+pub mod node;
+pub mod peer_manager;
+pub mod swarm;
+
+pub use client::Client;
+pub use config::Config;
+pub use node::Node;
+
+/// This build's version, as in `servant/<version>`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
