@@ -46,8 +46,9 @@ use crate::{
 
 /// How often the watermarks are checked and gauges refreshed.
 const TICK: Duration = Duration::from_secs(2);
-/// How often known peers are written to the data dir (and at shutdown).
-const SAVE_INTERVAL: Duration = Duration::from_secs(60);
+/// Known peers are written at most this often while they change (and at shutdown),
+/// so a node killed without warning still finds its network at the next start.
+const SAVE_INTERVAL: Duration = Duration::from_secs(10);
 /// How long shutdown waits for connections to close before giving up on them.
 const CLOSE_GRACE: Duration = Duration::from_millis(1500);
 
@@ -93,6 +94,7 @@ pub struct EventLoop {
     started: Instant,
     bootstrapped: bool,
     first_node: bool,
+    last_save: Instant,
     listeners: Vec<ListenerId>,
     local: PeerId,
 }
@@ -184,6 +186,8 @@ impl EventLoop {
                 bootnodes,
             ),
             first_node: config.bootnodes.is_empty(),
+            // Due at once: the first peers learned are saved within a tick.
+            last_save: Instant::now() - SAVE_INTERVAL,
             listeners,
             swarm,
             commands,
@@ -241,9 +245,6 @@ impl EventLoop {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut save = tokio::time::interval(SAVE_INTERVAL);
-        save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        save.tick().await;
         if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
             tracing::debug!(error = %e, "no peer to bootstrap from yet");
         }
@@ -255,7 +256,6 @@ impl EventLoop {
                     None => break,
                 },
                 _ = tick.tick() => self.on_tick(),
-                _ = save.tick() => self.save_state(),
                 _ = &mut shutdown => break,
             }
         }
@@ -301,6 +301,7 @@ impl EventLoop {
     }
 
     fn known_save(&mut self) {
+        self.last_save = Instant::now();
         if let Err(e) = self.known.save() {
             tracing::warn!(error = %e, "cannot save known peers");
         }
@@ -564,19 +565,25 @@ impl EventLoop {
         } = event
         {
             match result {
-                Ok(ok) => {
-                    if step.last || ok.num_remaining == 0 {
+                // A bootstrap "succeeds" even when nobody answered; it counts only
+                // with a peer connected.
+                Ok(ok) if step.last || ok.num_remaining == 0 => {
+                    let reason = if self.peer_manager.connected_count() > 0 {
                         if !self.bootstrapped {
                             tracing::info!("bootstrapped into the DHT");
                         }
                         self.bootstrapped = true;
                         self.metrics.bootstrapped.set(1);
-                        self.metrics
-                            .bootstrap_runs
-                            .get_or_create(&ReasonLabel { reason: "ok" })
-                            .inc();
-                    }
+                        "ok"
+                    } else {
+                        "no_peers"
+                    };
+                    self.metrics
+                        .bootstrap_runs
+                        .get_or_create(&ReasonLabel { reason })
+                        .inc();
                 }
+                Ok(_) => {}
                 Err(e) => {
                     tracing::debug!(error = %e, "bootstrap did not complete");
                     self.metrics
@@ -672,6 +679,9 @@ impl EventLoop {
                 .behaviour_mut()
                 .kad
                 .get_closest_peers(PeerId::random());
+        }
+        if self.known.is_dirty() && now.duration_since(self.last_save) >= SAVE_INTERVAL {
+            self.known_save();
         }
         let routing_table_size = self.routing_table_size();
         self.metrics

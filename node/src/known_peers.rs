@@ -142,6 +142,11 @@ impl KnownPeers {
         self.peers.is_empty()
     }
 
+    /// Whether it changed since the last save.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
     /// Writes the list if it changed since the last save.
     pub fn save(&mut self) -> std::io::Result<()> {
         if !self.dirty {

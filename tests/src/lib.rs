@@ -1,1 +1,626 @@
-pub fn x() {}
+//! Test harness: real `servant` processes on 127.0.0.1, driven through their HTTP API.
+//!
+//! A [`Net`] owns a temporary directory and the nodes started in it. Every node gets
+//! its own data dir and ports, and logs to files there; when a test fails, the tail of
+//! every node's log is printed and the directory is kept for inspection.
+
+#![allow(clippy::missing_panics_doc)]
+
+pub mod gossip_peer;
+
+use std::{
+    collections::HashSet,
+    fs::File,
+    net::{TcpListener, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures::StreamExt;
+use libp2p::{Multiaddr, PeerId};
+use servant::{
+    broadcast::Delivery,
+    client::{BanOutcome, ConnectOutcome, PeerView, Status},
+};
+use tokio::sync::mpsc;
+
+/// Path of the `servant` binary under test: `$SERVANT_BIN`, else the one cargo built
+/// next to this test executable (`cargo build -p servant` must have run; the README's
+/// test command does it).
+pub fn servant_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("SERVANT_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/servant
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir");
+    let bin = dir.join("servant");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build -p servant` first (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Deadline for one non-streaming API request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+static USED_PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// A port free for both TCP and UDP on 127.0.0.1, never handed out twice per process.
+pub fn free_port() -> u16 {
+    loop {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let port = tcp.local_addr().expect("addr").port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        let mut used = USED_PORTS.lock().unwrap_or_else(|e| e.into_inner());
+        if used.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or fails after `timeout`
+/// with `what` and the last value seen.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() >= deadline {
+            return Err(match last_err {
+                Some(e) => e.context(format!("timed out after {timeout:?} waiting for: {what}")),
+                None => anyhow!("timed out after {timeout:?} waiting for: {what}"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One `servant` process (or its data dir, while stopped).
+pub struct TestNode {
+    /// A name for logs.
+    pub name: String,
+    /// Its data dir.
+    pub data_dir: PathBuf,
+    /// TCP and UDP port of its listeners.
+    pub p2p_port: u16,
+    /// Port of its HTTP API.
+    pub api_port: u16,
+    /// Its PeerId, known once it has started once.
+    pub peer_id: Option<PeerId>,
+    /// Extra arguments for `servant run`.
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    child: Option<Child>,
+    log_dir: PathBuf,
+    starts: u32,
+    http: reqwest::Client,
+}
+
+impl TestNode {
+    /// The API's base URL.
+    pub fn api_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    /// The node's TCP multiaddr with `/p2p/`, for `--bootnode`.
+    pub fn addr(&self) -> Multiaddr {
+        let peer = self.peer_id.expect("node has started");
+        format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer}", self.p2p_port)
+            .parse()
+            .expect("multiaddr")
+    }
+
+    /// The PeerId (panics before the first start).
+    pub fn id(&self) -> PeerId {
+        self.peer_id.expect("node has started")
+    }
+
+    /// Whether its process is running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    fn stderr_path(&self, n: u32) -> PathBuf {
+        self.log_dir.join(format!("{}.{n}.stderr", self.name))
+    }
+
+    fn stdout_path(&self, n: u32) -> PathBuf {
+        self.log_dir.join(format!("{}.{n}.stdout", self.name))
+    }
+
+    /// The command line `servant run` gets.
+    pub fn run_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "run".to_string(),
+            "--data-dir".into(),
+            self.data_dir.display().to_string(),
+            "--listen".into(),
+            format!(
+                "/ip4/127.0.0.1/tcp/{p},/ip4/127.0.0.1/udp/{p}/quic-v1",
+                p = self.p2p_port
+            ),
+            "--api".into(),
+            format!("127.0.0.1:{}", self.api_port),
+        ];
+        args.extend(self.args.iter().cloned());
+        args
+    }
+
+    /// Starts the process and waits until its API answers and it printed its PeerId.
+    pub async fn start(&mut self) -> Result<()> {
+        if self.is_running() {
+            bail!("{} is already running", self.name);
+        }
+        self.starts += 1;
+        let n = self.starts;
+        let stdout = File::create(self.stdout_path(n))?;
+        let stderr = File::create(self.stderr_path(n))?;
+        let mut cmd = Command::new(servant_bin());
+        cmd.args(self.run_args())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .env("SERVANT_LOG_LEVEL", "info,servant=debug")
+            .env_remove("RUST_LOG");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().context("spawn servant")?);
+        let stdout_path = self.stdout_path(n);
+        let api = self.api_url();
+        let http = self.http.clone();
+        let name = self.name.clone();
+        let peer_id = eventually(Duration::from_secs(20), &format!("{name} to start"), || {
+            let stdout_path = stdout_path.clone();
+            let http = http.clone();
+            let api = api.clone();
+            async move {
+                let text = std::fs::read_to_string(&stdout_path).unwrap_or_default();
+                let Some(id) = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("PeerId: "))
+                    .map(str::to_string)
+                else {
+                    return Ok(None);
+                };
+                let live = http
+                    .get(format!("{api}/livez"))
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await;
+                if !matches!(live, Ok(r) if r.status().is_success()) {
+                    return Ok(None);
+                }
+                Ok(Some(id.trim().parse::<PeerId>()?))
+            }
+        })
+        .await;
+        let peer_id = match peer_id {
+            Ok(p) => p,
+            Err(e) => {
+                let status = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                return Err(e.context(format!(
+                    "{} exited: {:?}; stderr:\n{}",
+                    self.name,
+                    status,
+                    tail(&self.stderr_path(n), 30)
+                )));
+            }
+        };
+        if let Some(old) = self.peer_id {
+            if old != peer_id {
+                bail!("{} changed PeerId from {old} to {peer_id}", self.name);
+            }
+        }
+        self.peer_id = Some(peer_id);
+        Ok(())
+    }
+
+    /// SIGKILL: no chance to save or say goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status and how long the exit took.
+    pub fn terminate(&mut self) -> Result<(ExitStatus, Duration)> {
+        let mut child = self.child.take().ok_or_else(|| anyhow!("not running"))?;
+        let started = Instant::now();
+        // SAFETY: kill(2) on a child we own; at worst it fails with ESRCH.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = started + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok((status, started.elapsed()));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("{} did not exit within 15 s of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The current run's stderr.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.stderr_path(self.starts)).unwrap_or_default()
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.api_url()))
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("{} GET {path}: {status}: {text}", self.name);
+        }
+        serde_json::from_str(&text).with_context(|| format!("decode {text}"))
+    }
+
+    async fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<T> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.api_url()))
+            .json(&body)
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("{} POST {path}: {status}: {text}", self.name);
+        }
+        serde_json::from_str(&text).with_context(|| format!("decode {text}"))
+    }
+
+    /// `GET /v1/status`.
+    pub async fn status(&self) -> Result<Status> {
+        self.get("/v1/status").await
+    }
+
+    /// `GET /v1/peers`.
+    pub async fn peers(&self) -> Result<Vec<PeerView>> {
+        self.get("/v1/peers").await
+    }
+
+    /// PeerIds of connected peers.
+    pub async fn peer_ids(&self) -> Result<HashSet<PeerId>> {
+        Ok(self
+            .peers()
+            .await?
+            .iter()
+            .filter_map(|p| p.peer_id.parse().ok())
+            .collect())
+    }
+
+    /// `POST /v1/connect`.
+    pub async fn connect(&self, target: &str) -> Result<ConnectOutcome> {
+        self.post("/v1/connect", serde_json::json!({ "target": target }))
+            .await
+    }
+
+    /// `POST /v1/ban`.
+    pub async fn ban(&self, target: &str) -> Result<BanOutcome> {
+        self.post("/v1/ban", serde_json::json!({ "target": target }))
+            .await
+    }
+
+    /// `POST /v1/unban`.
+    pub async fn unban(&self, target: &str) -> Result<BanOutcome> {
+        self.post("/v1/unban", serde_json::json!({ "target": target }))
+            .await
+    }
+
+    /// `POST /v1/publish`.
+    pub async fn publish(&self, topic: &str, title: &str, body: &str) -> Result<Delivery> {
+        self.post(
+            "/v1/publish",
+            serde_json::json!({ "topic": topic, "title": title, "body": body }),
+        )
+        .await
+    }
+
+    /// `GET /readyz` status code.
+    pub async fn readyz(&self) -> Result<u16> {
+        Ok(self
+            .http
+            .get(format!("{}/readyz", self.api_url()))
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await?
+            .status()
+            .as_u16())
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(self
+            .http
+            .get(format!("{}/metrics", self.api_url()))
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+
+    /// The value of one series in `/metrics` (exact name with labels), 0 if absent.
+    pub async fn metric(&self, series: &str) -> Result<f64> {
+        let text = self.metrics().await?;
+        Ok(metric_value(&text, series).unwrap_or(0.0))
+    }
+
+    /// Opens `GET /v1/subscribe?topic=` and forwards each delivery to a channel.
+    pub async fn subscribe(&self, topic: &str) -> Result<Subscription> {
+        let response = self
+            .http
+            .get(format!("{}/v1/subscribe", self.api_url()))
+            .query(&[("topic", topic)])
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("{} subscribe: {}", self.name, response.status());
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let mut stream = response.bytes_stream();
+            let mut buffer = Vec::new();
+            while let Some(Ok(chunk)) = stream.next().await {
+                buffer.extend_from_slice(&chunk);
+                while let Some(pos) = buffer.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buffer.drain(..=pos).collect();
+                    if let Ok(delivery) = serde_json::from_slice::<Delivery>(&line) {
+                        if tx.send(delivery).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Subscription { rx, task })
+    }
+}
+
+/// Finds `series` (name and labels exactly as printed) in exposition text.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        let value = rest.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Deliveries of one subscription, in arrival order.
+pub struct Subscription {
+    rx: mpsc::UnboundedReceiver<Delivery>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscription {
+    /// Waits for the next delivery.
+    pub async fn next(&mut self, timeout: Duration) -> Option<Delivery> {
+        tokio::time::timeout(timeout, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Waits up to `timeout` for a delivery with envelope id `id`; returns it with
+    /// everything that arrived before it.
+    pub async fn wait_for(
+        &mut self,
+        id: &str,
+        timeout: Duration,
+    ) -> (Option<Delivery>, Vec<Delivery>) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut before = Vec::new();
+        while let Ok(Some(d)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            if d.envelope.id == id {
+                return (Some(d), before);
+            }
+            before.push(d);
+        }
+        (None, before)
+    }
+
+    /// What has arrived and not been read yet, without waiting.
+    pub fn drain_now(&mut self) -> Vec<Delivery> {
+        let mut got = Vec::new();
+        while let Ok(d) = self.rx.try_recv() {
+            got.push(d);
+        }
+        got
+    }
+
+    /// Everything that arrives within `window`.
+    pub async fn drain_for(&mut self, window: Duration) -> Vec<Delivery> {
+        let deadline = tokio::time::Instant::now() + window;
+        let mut got = Vec::new();
+        while let Ok(Some(d)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            got.push(d);
+        }
+        got
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A set of nodes in one temporary directory.
+pub struct Net {
+    /// The nodes, in creation order.
+    pub nodes: Vec<TestNode>,
+    dir: Option<tempfile::TempDir>,
+    http: reqwest::Client,
+    passed: bool,
+}
+
+impl Default for Net {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Net {
+    /// An empty network.
+    pub fn new() -> Net {
+        Net {
+            nodes: Vec::new(),
+            dir: Some(tempfile::tempdir().expect("temp dir")),
+            // No overall timeout: subscriptions stream for as long as a test runs.
+            // Plain requests set their own (REQUEST_TIMEOUT).
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build()
+                .expect("http client"),
+            passed: false,
+        }
+    }
+
+    /// Marks the test as passed. A `Net` dropped without this (a panic, or an error
+    /// returned with `?`) prints every node's log tail and keeps its files.
+    pub fn pass(&mut self) {
+        self.passed = true;
+    }
+
+    /// The temporary directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("dir").path()
+    }
+
+    /// Adds a node (not started) and returns its index.
+    pub fn add(&mut self, name: &str, args: &[String]) -> usize {
+        let dir = self.dir().to_path_buf();
+        self.nodes.push(TestNode {
+            name: name.to_string(),
+            data_dir: dir.join(name),
+            p2p_port: free_port(),
+            api_port: free_port(),
+            peer_id: None,
+            args: args.to_vec(),
+            env: Vec::new(),
+            child: None,
+            log_dir: dir,
+            starts: 0,
+            http: self.http.clone(),
+        });
+        self.nodes.len() - 1
+    }
+
+    /// Adds and starts a node.
+    pub async fn spawn(&mut self, name: &str, args: &[String]) -> Result<usize> {
+        let i = self.add(name, args);
+        self.nodes[i].start().await?;
+        Ok(i)
+    }
+}
+
+impl std::ops::Index<usize> for Net {
+    type Output = TestNode;
+    fn index(&self, i: usize) -> &TestNode {
+        &self.nodes[i]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Net {
+    fn index_mut(&mut self, i: usize) -> &mut TestNode {
+        &mut self.nodes[i]
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+        if !self.passed {
+            for node in &self.nodes {
+                for n in 1..=node.starts {
+                    eprintln!(
+                        "----- {} (run {n}) stderr, last lines -----\n{}",
+                        node.name,
+                        tail(&node.stderr_path(n), 40)
+                    );
+                }
+            }
+            if let Some(dir) = self.dir.take() {
+                let kept = dir.keep();
+                eprintln!("test files kept in {}", kept.display());
+            }
+        }
+    }
+}
+
+/// The last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Runs `servant` with `args` to completion (for CLI and config tests).
+pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(servant_bin());
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run servant")
+}
+
+/// Whether this run must not skip anything (CI=true).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Skips (returns true) with a loud message when a prerequisite is missing, or fails
+/// under CI, where a skip is a failure.
+pub fn skip_unless(available: bool, what: &str) -> bool {
+    if available {
+        return false;
+    }
+    assert!(
+        !in_ci(),
+        "{what} is missing, and CI=true forbids skipping this test"
+    );
+    eprintln!("\n!!!!! SKIPPED: {what} is missing; this test did not run !!!!!\n");
+    true
+}
