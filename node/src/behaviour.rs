@@ -19,6 +19,8 @@ use libp2p::{
     StreamProtocol,
 };
 
+use prometheus_client::registry::Registry;
+
 use crate::{config::Config, deny};
 
 /// Identify's protocol version: peers on another version are other networks.
@@ -64,6 +66,7 @@ impl Behaviour {
         key: &Keypair,
         config: &Config,
         deny_list: deny::DenyList,
+        registry: &mut Registry,
     ) -> Result<Self, BehaviourError> {
         let peer_id = key.public().to_peer_id();
         let limits = ConnectionLimits::default()
@@ -93,7 +96,7 @@ impl Behaviour {
         // Until roles arrive with NAT traversal every node answers DHT queries.
         kad.set_mode(Some(kad::Mode::Server));
 
-        let gossipsub = build_gossipsub(key)?;
+        let gossipsub = build_gossipsub(key, registry)?;
 
         Ok(Behaviour {
             deny: deny::Behaviour::new(deny_list),
@@ -112,7 +115,10 @@ pub fn message_id(message: &gossipsub::Message) -> gossipsub::MessageId {
     gossipsub::MessageId::from(blake3::hash(&message.data).as_bytes().to_vec())
 }
 
-fn build_gossipsub(key: &Keypair) -> Result<gossipsub::Behaviour, BehaviourError> {
+fn build_gossipsub(
+    key: &Keypair,
+    registry: &mut Registry,
+) -> Result<gossipsub::Behaviour, BehaviourError> {
     let err = |reason: String| BehaviourError {
         protocol: "gossipsub",
         reason,
@@ -124,9 +130,22 @@ fn build_gossipsub(key: &Keypair) -> Result<gossipsub::Behaviour, BehaviourError
         .max_transmit_size(GOSSIPSUB_MAX_TRANSMIT)
         .build()
         .map_err(|e| err(e.to_string()))?;
-    let mut behaviour =
+    let behaviour =
         gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)
             .map_err(|e| err(e.to_string()))?;
+    // Gossipsub's own families (mesh sizes, duplicates, scores) under
+    // libp2p_gossipsub_*, labelled only by topics this node joins.
+    let thresholds = gossipsub::PeerScoreThresholds::default();
+    let mut metrics_config = gossipsub::MetricsConfig {
+        max_topics: crate::broadcast::MAX_TOPICS,
+        max_never_subscribed_topics: 0,
+        ..gossipsub::MetricsConfig::default()
+    };
+    metrics_config.buckets_using_scoring_thresholds(&thresholds);
+    let mut behaviour = behaviour.with_metrics(
+        registry.sub_registry_with_prefix("libp2p_gossipsub"),
+        metrics_config,
+    );
     behaviour
         .with_peer_score(
             peer_score_params(),

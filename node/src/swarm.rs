@@ -29,7 +29,7 @@ pub fn build(
     registry: &mut Registry,
 ) -> Result<Swarm<Behaviour>, SwarmError> {
     let idle = config.idle_connection_timeout.get();
-    let behaviour = Behaviour::new(&key, config, deny_list)?;
+    let behaviour = Behaviour::new(&key, config, deny_list, registry)?;
     let Ok(builder) = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
