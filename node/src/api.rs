@@ -323,16 +323,16 @@ async fn bans(State(state): State<AppState>) -> Response {
     }
 }
 
-fn parse_ban(req: &TargetRequest) -> Result<BanTarget, Response> {
+fn parse_ban(req: &TargetRequest) -> Result<BanTarget, Box<Response>> {
     req.target
         .parse()
-        .map_err(|e: String| error_response(StatusCode::BAD_REQUEST, &e))
+        .map_err(|e: String| Box::new(error_response(StatusCode::BAD_REQUEST, &e)))
 }
 
 async fn ban(State(state): State<AppState>, Json(req): Json<TargetRequest>) -> Response {
     let target = match parse_ban(&req) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match within(state.client.ban(target)).await {
         Ok(v) => Json(v).into_response(),
@@ -343,7 +343,7 @@ async fn ban(State(state): State<AppState>, Json(req): Json<TargetRequest>) -> R
 async fn unban(State(state): State<AppState>, Json(req): Json<TargetRequest>) -> Response {
     let target = match parse_ban(&req) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match within(state.client.unban(target)).await {
         Ok(v) => Json(v).into_response(),

@@ -38,7 +38,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run a node. With no options: the first node of a new network.
-    Run(RunCmd),
+    Run(Box<RunCmd>),
     /// Print this node's PeerId (from its identity key).
     Id(IdCmd),
     /// Manage identity keys.
@@ -153,15 +153,67 @@ struct ApiArgs {
 
 /// Parses the command line and runs it; the binary's whole `main`.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if let Some(message) = explain_env_error(&e) {
+                eprintln!("servant: {message}");
+                return ExitCode::from(2);
+            }
+            e.exit()
+        }
+    };
     match cli.command {
-        Cmd::Run(cmd) => run(cmd),
+        Cmd::Run(cmd) => run(*cmd),
         Cmd::Id(cmd) => id(cmd),
         Cmd::Key {
             command: KeyCmd::Generate { out, json },
         } => key_generate(out, json),
         other => client_command(other),
     }
+}
+
+/// clap reports a bad value by its flag even when it came from the environment;
+/// an operator who set `SERVANT_CONN_LOW` should read that name in the error.
+fn explain_env_error(err: &clap::Error) -> Option<String> {
+    use clap::{
+        error::{ContextKind, ContextValue},
+        CommandFactory,
+    };
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let Some(ContextValue::String(value)) = err.get(ContextKind::InvalidValue) else {
+        return None;
+    };
+    let long = arg.strip_prefix("--")?.split(' ').next()?.to_string();
+    let flag = format!("--{long}");
+    let given_as_flag = std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    if given_as_flag {
+        return None;
+    }
+    let command = Cli::command();
+    let env = command
+        .get_subcommands()
+        .flat_map(|sub| sub.get_arguments())
+        .filter(|a| a.get_long() == Some(long.as_str()))
+        .find_map(|a| a.get_env())?
+        .to_string_lossy()
+        .into_owned();
+    let env_value = std::env::var(&env).ok()?;
+    if !env_value.contains(value.as_str()) {
+        return None;
+    }
+    let rendered = err.to_string();
+    let reason = rendered
+        .lines()
+        .next()
+        .and_then(|l| l.split_once(&format!("'{arg}': ")))
+        .map(|(_, r)| r.to_string())
+        .unwrap_or_else(|| "invalid value".into());
+    Some(format!(
+        "invalid value for `{env}` (environment variable): `{value}`: {reason}"
+    ))
 }
 
 fn config_error(e: ConfigError) -> ExitCode {

@@ -498,11 +498,15 @@ fn read_file_table(path: &Path) -> Result<toml::Table, ConfigError> {
 
 fn check_listen_addr(addr: &Multiaddr) -> Result<(), ConfigError> {
     let parts: Vec<Protocol> = addr.iter().collect();
-    let ok = match parts.as_slice() {
-        [Protocol::Ip4(_) | Protocol::Ip6(_), Protocol::Tcp(_)] => true,
-        [Protocol::Ip4(_) | Protocol::Ip6(_), Protocol::Udp(_), Protocol::QuicV1] => true,
-        _ => false,
-    };
+    let ok = matches!(
+        parts.as_slice(),
+        [Protocol::Ip4(_) | Protocol::Ip6(_), Protocol::Tcp(_)]
+            | [
+                Protocol::Ip4(_) | Protocol::Ip6(_),
+                Protocol::Udp(_),
+                Protocol::QuicV1
+            ]
+    );
     if ok {
         Ok(())
     } else {
@@ -697,8 +701,10 @@ mod tests {
 
     #[test]
     fn bootnodes_need_a_peer_id() {
-        let mut config = Config::default();
-        config.bootnodes = vec!["/ip4/127.0.0.1/tcp/4001".parse().unwrap()];
+        let mut config = Config {
+            bootnodes: vec!["/ip4/127.0.0.1/tcp/4001".parse().unwrap()],
+            ..Config::default()
+        };
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("bootnodes") && err.contains("/p2p/"), "{err}");
         config.bootnodes = vec![

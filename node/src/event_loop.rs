@@ -624,7 +624,7 @@ impl EventLoop {
                         reason: rejection.reason,
                     })
                     .inc();
-                let acceptance = rejection.acceptance.clone();
+                let acceptance = rejection.acceptance;
                 (acceptance, Some(rejection))
             }
         };

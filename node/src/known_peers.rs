@@ -120,7 +120,7 @@ impl KnownPeers {
             .filter(|p| !p.addrs.is_empty())
             .cloned()
             .collect();
-        peers.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+        peers.sort_by_key(|p| std::cmp::Reverse(p.last_seen));
         peers
     }
 

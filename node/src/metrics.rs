@@ -119,12 +119,9 @@ impl Metrics {
             connections_denied: Family::default(),
             peers_trimmed: Counter::default(),
             ping_failures: Counter::default(),
-            message_latency: Histogram::new(
-                [
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ]
-                .into_iter(),
-            ),
+            message_latency: Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
             ready: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("servant");

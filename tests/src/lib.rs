@@ -110,6 +110,8 @@ pub struct TestNode {
     pub args: Vec<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// The address the API binds (127.0.0.1 unless a test needs another).
+    pub api_host: String,
     child: Option<Child>,
     log_dir: PathBuf,
     starts: u32,
@@ -160,7 +162,7 @@ impl TestNode {
                 p = self.p2p_port
             ),
             "--api".into(),
-            format!("127.0.0.1:{}", self.api_port),
+            format!("{}:{}", self.api_host, self.api_port),
         ];
         args.extend(self.args.iter().cloned());
         args
@@ -187,48 +189,45 @@ impl TestNode {
         }
         self.child = Some(cmd.spawn().context("spawn servant")?);
         let stdout_path = self.stdout_path(n);
-        let api = self.api_url();
-        let http = self.http.clone();
-        let name = self.name.clone();
-        let peer_id = eventually(Duration::from_secs(20), &format!("{name} to start"), || {
-            let stdout_path = stdout_path.clone();
-            let http = http.clone();
-            let api = api.clone();
-            async move {
-                let text = std::fs::read_to_string(&stdout_path).unwrap_or_default();
-                let Some(id) = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("PeerId: "))
-                    .map(str::to_string)
-                else {
-                    return Ok(None);
-                };
-                let live = http
-                    .get(format!("{api}/livez"))
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let peer_id = loop {
+            // A process that exited will not start: fail at once with its stderr.
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                bail!(
+                    "{} exited with {status} during start; stderr:\n{}",
+                    self.name,
+                    tail(&self.stderr_path(n), 30)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not start within 20 s; stderr:\n{}",
+                    self.name,
+                    tail(&self.stderr_path(n), 30)
+                );
+            }
+            let text = std::fs::read_to_string(&stdout_path).unwrap_or_default();
+            let id = text
+                .lines()
+                .find_map(|l| l.strip_prefix("PeerId: "))
+                .map(|s| s.trim().to_string());
+            if let Some(id) = id {
+                let live = self
+                    .http
+                    .get(format!("{}/livez", self.api_url()))
                     .timeout(Duration::from_secs(2))
                     .send()
                     .await;
-                if !matches!(live, Ok(r) if r.status().is_success()) {
-                    return Ok(None);
+                if matches!(live, Ok(r) if r.status().is_success()) {
+                    break id.parse::<PeerId>()?;
                 }
-                Ok(Some(id.trim().parse::<PeerId>()?))
             }
-        })
-        .await;
-        let peer_id = match peer_id {
-            Ok(p) => p,
-            Err(e) => {
-                let status = self
-                    .child
-                    .as_mut()
-                    .and_then(|c| c.try_wait().ok().flatten());
-                return Err(e.context(format!(
-                    "{} exited: {:?}; stderr:\n{}",
-                    self.name,
-                    status,
-                    tail(&self.stderr_path(n), 30)
-                )));
-            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         };
         if let Some(old) = self.peer_id {
             if old != peer_id {
@@ -537,6 +536,7 @@ impl Net {
             peer_id: None,
             args: args.to_vec(),
             env: Vec::new(),
+            api_host: "127.0.0.1".into(),
             child: None,
             log_dir: dir,
             starts: 0,

@@ -1,0 +1,172 @@
+//! Deny lists (the seeds' bans): a denied PeerId cannot connect, a runtime ban drops
+//! a live peer and outlives a restart, and IP ranges are enforced too.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use servant_tests::{eventually, run_cli, Net};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_peers_and_runtime_bans() -> Result<()> {
+    let mut net = Net::new();
+
+    // The outcast's key is made ahead, so the guard can deny it in its config.
+    let key = net.dir().join("outcast.key");
+    let out = run_cli(&["key", "generate", "--out", key.to_str().unwrap()], &[]);
+    assert!(out.status.success());
+    let outcast_id = String::from_utf8(out.stdout)?.trim().to_string();
+
+    let guard = net
+        .spawn("guard", &["--deny-peer".into(), outcast_id.clone()])
+        .await?;
+    let outcast = net
+        .spawn(
+            "outcast",
+            &["--identity-file".into(), key.display().to_string()],
+        )
+        .await?;
+    assert_eq!(net[outcast].id().to_string(), outcast_id);
+
+    // A denied peer cannot connect, whichever side dials. The guard learns the
+    // dialer's PeerId only when the handshake completes, so the outcast may briefly
+    // see a connection before the guard closes it.
+    let attempt = net[outcast].connect(&net[guard].addr().to_string()).await;
+    println!("outcast's dial: {attempt:?}");
+    {
+        let net = &net;
+        let guard_id = net[guard].id();
+        eventually(Duration::from_secs(5), "the guard to drop the outcast", || async move {
+            Ok((!net[outcast].peer_ids().await?.contains(&guard_id)).then_some(()))
+        })
+        .await?;
+    }
+    let err = net[guard]
+        .connect(&net[outcast].addr().to_string())
+        .await
+        .expect_err("the guard must not dial a denied peer");
+    assert!(format!("{err:#}").contains("denied"), "{err:#}");
+    assert!(!net[guard].peer_ids().await?.contains(&net[outcast].id()));
+    let denied = net[guard]
+        .metric("servant_connections_denied_total{reason=\"peer_denied\"}")
+        .await?;
+    assert!(denied >= 1.0, "denials are counted: {denied}");
+    println!("checked: a peer denied by config cannot connect, and the refusal is counted");
+
+    // A runtime ban drops a live peer at once.
+    let friend = net
+        .spawn(
+            "friend",
+            &["--bootnode".into(), net[guard].addr().to_string()],
+        )
+        .await?;
+    let friend_id = net[friend].id();
+    {
+        let net = &net;
+        eventually(Duration::from_secs(10), "friend connected", || async move {
+            Ok(net[guard]
+                .peer_ids()
+                .await?
+                .contains(&friend_id)
+                .then_some(()))
+        })
+        .await?;
+    }
+    // Through the CLI, as an operator would.
+    let api = format!("127.0.0.1:{}", net[guard].api_port);
+    let out = run_cli(
+        &["ban", &friend_id.to_string(), "--api", &api, "--json"],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcome: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(outcome["changed"], true);
+    assert!(
+        outcome["closed_connections"].as_u64() >= Some(1),
+        "{outcome}"
+    );
+    {
+        let net = &net;
+        eventually(
+            Duration::from_secs(5),
+            "banned friend dropped on both sides",
+            || async move {
+                let gone_here = !net[guard].peer_ids().await?.contains(&friend_id);
+                let gone_there = !net[friend].peer_ids().await?.contains(&net[guard].id());
+                Ok((gone_here && gone_there).then_some(()))
+            },
+        )
+        .await?;
+    }
+    // It stays out: its own retries (the guard is its bootnode) are refused.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!net[guard].peer_ids().await?.contains(&friend_id));
+    println!("checked: a runtime ban drops the live peer and keeps it out");
+
+    // The ban outlives a restart of the guard.
+    let (status, _) = net[guard].terminate()?;
+    assert!(status.success());
+    net[guard].start().await?;
+    let out = run_cli(&["bans", "--api", &api, "--json"], &[]);
+    let bans: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let listed: Vec<(String, String)> = bans
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["target"].as_str().unwrap().to_string(),
+                b["source"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        listed.contains(&(friend_id.to_string(), "runtime".into())),
+        "{listed:?}"
+    );
+    assert!(
+        listed.contains(&(outcast_id.clone(), "config".into())),
+        "{listed:?}"
+    );
+    let _ = net[friend].connect(&net[guard].addr().to_string()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!net[guard].peer_ids().await?.contains(&friend_id));
+    println!("checked: runtime bans persist across a restart");
+
+    // A config ban cannot be lifted at runtime; a runtime one can.
+    let err = net[guard].unban(&outcast_id).await.expect_err("config ban");
+    assert!(format!("{err:#}").contains("config"), "{err:#}");
+    let outcome = net[guard].unban(&friend_id.to_string()).await?;
+    assert!(outcome.changed);
+    net[friend].connect(&net[guard].addr().to_string()).await?;
+    println!("checked: unban lets the peer back; config bans stay");
+
+    // An IP range: banning 127.0.0.0/8 drops every loopback peer and refuses new ones.
+    let outcome = net[guard].ban("127.0.0.0/8").await?;
+    assert!(outcome.closed_connections >= 1, "{outcome:?}");
+    {
+        let net = &net;
+        eventually(
+            Duration::from_secs(5),
+            "loopback peers dropped",
+            || async move { Ok(net[guard].peer_ids().await?.is_empty().then_some(())) },
+        )
+        .await?;
+    }
+    assert!(net[friend]
+        .connect(&net[guard].addr().to_string())
+        .await
+        .is_err());
+    let ip_denied = net[guard]
+        .metric("servant_connections_denied_total{reason=\"ip_denied\"}")
+        .await?;
+    assert!(ip_denied >= 1.0, "{ip_denied}");
+    net[guard].unban("127.0.0.0/8").await?;
+    net[friend].connect(&net[guard].addr().to_string()).await?;
+    println!("checked: a CIDR ban drops and refuses its range until lifted");
+    net.pass();
+    Ok(())
+}
