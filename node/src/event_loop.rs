@@ -218,10 +218,8 @@ impl EventLoop {
                 _ = tokio::time::sleep_until(deadline) => break,
             };
             match &event {
-                SwarmEvent::NewListenAddr { listener_id, .. } => {
-                    reported.insert(*listener_id);
-                }
-                SwarmEvent::ListenerClosed { listener_id, .. }
+                SwarmEvent::NewListenAddr { listener_id, .. }
+                | SwarmEvent::ListenerClosed { listener_id, .. }
                 | SwarmEvent::ListenerError { listener_id, .. } => {
                     reported.insert(*listener_id);
                 }
@@ -229,14 +227,32 @@ impl EventLoop {
             }
             self.on_swarm_event(event);
         }
+        // A listener on 0.0.0.0 reports one address per interface, a moment apart:
+        // collect the stragglers too, so the banner lists them all.
+        let settle = tokio::time::Instant::now() + Duration::from_millis(150);
+        while let Ok(event) =
+            tokio::time::timeout_at(settle.min(deadline), self.swarm.select_next_some()).await
+        {
+            self.on_swarm_event(event);
+        }
         self.listen_addrs()
     }
 
+    /// Listen addresses worth giving to other nodes, with `/p2p/<id>`: IPv4 before
+    /// IPv6, TCP before QUIC, without IPv6 link-local ones (they need a zone to dial).
     fn listen_addrs(&self) -> Vec<Multiaddr> {
-        self.swarm
+        let mut addrs: Vec<Multiaddr> = self
+            .swarm
             .listeners()
+            .filter(|a| !is_link_local(a))
             .map(|a| a.clone().with(Protocol::P2p(self.local)))
-            .collect()
+            .collect();
+        addrs.sort_by_key(|a| {
+            let ipv6 = matches!(a.iter().next(), Some(Protocol::Ip6(_)));
+            let quic = a.iter().any(|p| matches!(p, Protocol::QuicV1));
+            (ipv6, quic, a.to_string())
+        });
+        addrs
     }
 
     /// Runs until `shutdown` completes or every client is gone, then closes down
@@ -1108,6 +1124,10 @@ fn connection_label(addr: &Multiaddr, outbound: bool) -> ConnectionLabel {
         direction: if outbound { "outbound" } else { "inbound" },
         transport,
     }
+}
+
+fn is_link_local(addr: &Multiaddr) -> bool {
+    matches!(addr.iter().next(), Some(Protocol::Ip6(ip)) if ip.is_unicast_link_local())
 }
 
 fn is_dialable(addr: &Multiaddr) -> bool {

@@ -329,3 +329,28 @@ async fn api_off_localhost_needs_a_token_but_probes_stay_open() -> Result<()> {
     net.pass();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() -> Result<()> {
+    let mut net = Net::new();
+    let a = net.add("a", &["--log-format".into(), "json".into()]);
+    net[a].start().await?;
+    let (status, _) = net[a].terminate()?;
+    assert!(status.success());
+    let log = net[a].log();
+    let mut lines = 0;
+    for line in log.lines() {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            value.get("level").is_some() && value.get("timestamp").is_some(),
+            "{line}"
+        );
+        lines += 1;
+    }
+    assert!(lines >= 3, "{log}");
+    assert!(log.contains("\"message\":\"stopped\""), "{log}");
+    println!("checked: --log-format json writes {lines} JSON lines, through to the clean stop");
+    net.pass();
+    Ok(())
+}
