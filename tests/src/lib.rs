@@ -112,6 +112,12 @@ pub struct TestNode {
     pub env: Vec<(String, String)>,
     /// The address the API binds (127.0.0.1 unless a test needs another).
     pub api_host: String,
+    /// The loopback address the p2p listeners bind (127.0.0.x, so tests can cut
+    /// groups of nodes apart with iptables).
+    pub p2p_host: String,
+    /// Run the process as this user and group id (root only): iptables' owner match
+    /// then tells this node's packets from others' on the shared loopback.
+    pub uid: Option<u32>,
     child: Option<Child>,
     log_dir: PathBuf,
     starts: u32,
@@ -127,7 +133,7 @@ impl TestNode {
     /// The node's TCP multiaddr with `/p2p/`, for `--bootnode`.
     pub fn addr(&self) -> Multiaddr {
         let peer = self.peer_id.expect("node has started");
-        format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer}", self.p2p_port)
+        format!("/ip4/{}/tcp/{}/p2p/{peer}", self.p2p_host, self.p2p_port)
             .parse()
             .expect("multiaddr")
     }
@@ -158,7 +164,8 @@ impl TestNode {
             self.data_dir.display().to_string(),
             "--listen".into(),
             format!(
-                "/ip4/127.0.0.1/tcp/{p},/ip4/127.0.0.1/udp/{p}/quic-v1",
+                "/ip4/{h}/tcp/{p},/ip4/{h}/udp/{p}/quic-v1",
+                h = self.p2p_host,
                 p = self.p2p_port
             ),
             "--api".into(),
@@ -186,6 +193,12 @@ impl TestNode {
             .env_remove("RUST_LOG");
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(uid) = self.uid {
+            use std::os::unix::process::CommandExt;
+            std::fs::create_dir_all(&self.data_dir)?;
+            std::os::unix::fs::chown(&self.data_dir, Some(uid), Some(uid))?;
+            cmd.uid(uid).gid(uid);
         }
         self.child = Some(cmd.spawn().context("spawn servant")?);
         let stdout_path = self.stdout_path(n);
@@ -501,9 +514,15 @@ impl Default for Net {
 impl Net {
     /// An empty network.
     pub fn new() -> Net {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Nodes running under another uid create their data dirs in here.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755));
+        }
         Net {
             nodes: Vec::new(),
-            dir: Some(tempfile::tempdir().expect("temp dir")),
+            dir: Some(dir),
             // No overall timeout: subscriptions stream for as long as a test runs.
             // Plain requests set their own (REQUEST_TIMEOUT).
             http: reqwest::Client::builder()
@@ -537,6 +556,8 @@ impl Net {
             args: args.to_vec(),
             env: Vec::new(),
             api_host: "127.0.0.1".into(),
+            p2p_host: "127.0.0.1".into(),
+            uid: None,
             child: None,
             log_dir: dir,
             starts: 0,
@@ -604,6 +625,22 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         cmd.env(k, v);
     }
     cmd.output().expect("run servant")
+}
+
+/// Whether this process runs as root (network namespaces, iptables).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether `program` runs (`program --version` exits 0).
+pub fn has_program(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Whether this run must not skip anything (CI=true).
