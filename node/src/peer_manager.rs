@@ -21,6 +21,10 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// After a connection closes, the peer is not redialed for this long, so a peer that
 /// trimmed us is not hammered with reconnects.
 pub const RECONNECT_COOLDOWN: Duration = Duration::from_secs(5);
+/// A connection that lasted less than this counts as a failure for the backoff: a
+/// peer that keeps closing us (a busy bootnode trimming above its high watermark)
+/// is redialed less and less often instead of every few seconds.
+pub const STABLE_CONNECTION: Duration = Duration::from_secs(60);
 /// Most dials in flight at once for filling the low watermark.
 pub const MAX_CONCURRENT_DIALS: usize = 8;
 /// A random walk on the DHT runs at most this often while below the low watermark.
@@ -157,7 +161,11 @@ impl PeerManager {
     pub fn on_connected(&mut self, peer: PeerId, now: Instant) {
         self.connected.entry(peer).or_insert(now);
         self.dialing.remove(&peer);
-        self.backoff.remove(&peer);
+        // The failure count stays until the connection proves stable (see
+        // `on_disconnected`); only the wait is over.
+        if let Some(backoff) = self.backoff.get_mut(&peer) {
+            backoff.until = now;
+        }
         if self.bootnodes.contains_key(&peer) {
             self.bootnodes_reached.insert(peer);
         }
@@ -165,12 +173,22 @@ impl PeerManager {
 
     /// The last connection to `peer` closed.
     pub fn on_disconnected(&mut self, peer: PeerId, now: Instant) {
-        self.connected.remove(&peer);
+        let lived = self
+            .connected
+            .remove(&peer)
+            .map_or(Duration::ZERO, |since| now.duration_since(since));
+        let previous = self.backoff.get(&peer).map_or(0, |b| b.failures);
+        let (failures, delay) = if lived >= STABLE_CONNECTION {
+            (0, RECONNECT_COOLDOWN)
+        } else {
+            let failures = previous + 1;
+            (failures, backoff_delay(failures).max(RECONNECT_COOLDOWN))
+        };
         self.backoff.insert(
             peer,
             Backoff {
-                until: now + RECONNECT_COOLDOWN,
-                failures: 0,
+                until: now + delay,
+                failures,
             },
         );
     }
@@ -359,6 +377,28 @@ mod tests {
         assert!(!plan.trim.contains(&boot));
         assert!(!plan.trim.contains(&explicit));
         assert!(!plan.trim.contains(&useful));
+    }
+
+    #[test]
+    fn short_lived_connections_back_off() {
+        let now = Instant::now();
+        let mut pm = PeerManager::new(1, 2, vec![]);
+        let p = PeerId::random();
+        let mut t = now;
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            pm.on_connected(p, t);
+            pm.on_disconnected(p, t + Duration::from_secs(1));
+            let until = pm.backoff[&p].until;
+            waits.push(until.duration_since(t + Duration::from_secs(1)));
+            t = until;
+        }
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "{waits:?}");
+        assert_eq!(*waits.last().unwrap(), BACKOFF_MAX);
+        // A stable connection resets the count.
+        pm.on_connected(p, t);
+        pm.on_disconnected(p, t + STABLE_CONNECTION);
+        assert_eq!(pm.backoff[&p].failures, 0);
     }
 
     #[test]
