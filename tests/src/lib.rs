@@ -156,6 +156,20 @@ impl TestNode {
         self.log_dir.join(format!("{}.{n}.stdout", self.name))
     }
 
+    /// The binary to run. A node under another uid may not reach the build directory
+    /// (under /root, say), so it gets a link to the binary in the test's directory.
+    fn bin(&self) -> Result<PathBuf> {
+        let bin = servant_bin();
+        if self.uid.is_none() {
+            return Ok(bin);
+        }
+        let local = self.log_dir.join("servant");
+        if !local.exists() && std::fs::hard_link(&bin, &local).is_err() {
+            std::fs::copy(&bin, &local).context("copy the servant binary")?;
+        }
+        Ok(local)
+    }
+
     /// The command line `servant run` gets.
     pub fn run_args(&self) -> Vec<String> {
         let mut args = vec![
@@ -184,7 +198,7 @@ impl TestNode {
         let n = self.starts;
         let stdout = File::create(self.stdout_path(n))?;
         let stderr = File::create(self.stderr_path(n))?;
-        let mut cmd = Command::new(servant_bin());
+        let mut cmd = Command::new(self.bin()?);
         cmd.args(self.run_args())
             .stdin(Stdio::null())
             .stdout(stdout)
