@@ -19,6 +19,6 @@ step "lints"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
 step "tests"
-cargo test --locked --workspace -- --nocapture
+cargo test --locked --workspace --no-fail-fast -- --nocapture
 
 step "all tests passed"
