@@ -21,7 +21,7 @@ use libp2p::{
 
 use prometheus_client::registry::Registry;
 
-use crate::{config::Config, deny};
+use crate::{config::Config, deny, keep_alive};
 
 /// Identify's protocol version: peers on another version are other networks.
 pub const PROTOCOL_VERSION: &str = "/servant/1.0.0";
@@ -42,6 +42,8 @@ pub struct Behaviour {
     pub deny: deny::Behaviour,
     /// Hard caps on established and pending connections.
     pub limits: connection_limits::Behaviour,
+    /// Keeps connections open until the peer manager trims them.
+    pub keep_alive: keep_alive::Behaviour,
     /// Exchanges listen addresses, protocols and versions; feeds Kademlia.
     pub identify: identify::Behaviour,
     /// Liveness and round-trip time.
@@ -101,6 +103,7 @@ impl Behaviour {
         Ok(Behaviour {
             deny: deny::Behaviour::new(deny_list),
             limits: connection_limits::Behaviour::new(limits),
+            keep_alive: keep_alive::Behaviour,
             identify,
             ping,
             kad,

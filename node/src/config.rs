@@ -73,8 +73,6 @@ pub struct Config {
     pub max_clock_skew: HumanDuration,
     /// How often Kademlia re-runs its bootstrap to keep the routing table fresh.
     pub bootstrap_interval: HumanDuration,
-    /// How long a connection with nothing to do stays open.
-    pub idle_connection_timeout: HumanDuration,
     /// How many peers to remember in the data dir for the next start.
     pub known_peers_max: u32,
     /// Log filter: a level (`info`) or tracing directives (`info,libp2p_gossipsub=debug`).
@@ -105,7 +103,6 @@ impl Default for Config {
             max_message_age: HumanDuration(Duration::from_secs(300)),
             max_clock_skew: HumanDuration(Duration::from_secs(30)),
             bootstrap_interval: HumanDuration(Duration::from_secs(300)),
-            idle_connection_timeout: HumanDuration(Duration::from_secs(60)),
             known_peers_max: 256,
             log_level: "info".to_string(),
             log_format: LogFormat::Text,
@@ -287,10 +284,6 @@ pub struct RunArgs {
     #[arg(long, env = "SERVANT_BOOTSTRAP_INTERVAL", value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bootstrap_interval: Option<HumanDuration>,
-    /// Idle connection timeout [default: 60s].
-    #[arg(long, env = "SERVANT_IDLE_CONNECTION_TIMEOUT", value_name = "DURATION")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub idle_connection_timeout: Option<HumanDuration>,
     /// Peers remembered for the next start [default: 256].
     #[arg(long, env = "SERVANT_KNOWN_PEERS_MAX", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -429,7 +422,6 @@ impl Config {
         let durations = [
             ("max_message_age", self.max_message_age, 1),
             ("bootstrap_interval", self.bootstrap_interval, 1),
-            ("idle_connection_timeout", self.idle_connection_timeout, 1),
         ];
         for (key, value, min_secs) in durations {
             if value.get() < Duration::from_secs(min_secs) {

@@ -24,6 +24,7 @@ pub mod datadir;
 pub mod deny;
 pub mod event_loop;
 pub mod identity;
+pub mod keep_alive;
 pub mod known_peers;
 pub mod logging;
 pub mod metrics;

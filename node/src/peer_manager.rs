@@ -27,6 +27,9 @@ pub const RECONNECT_COOLDOWN: Duration = Duration::from_secs(5);
 pub const STABLE_CONNECTION: Duration = Duration::from_secs(60);
 /// Most dials in flight at once for filling the low watermark.
 pub const MAX_CONCURRENT_DIALS: usize = 8;
+/// A connection younger than this is not trimmed: a DHT query or a handshake in
+/// progress deserves to finish, and a node must not close what it just opened.
+pub const TRIM_GRACE: Duration = Duration::from_secs(10);
 /// A random walk on the DHT runs at most this often while below the low watermark.
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -280,9 +283,11 @@ impl PeerManager {
             let excess = self.connected.len() - target;
             let mut ranked: Vec<(PeerId, f64)> = self
                 .connected
-                .keys()
-                .filter(|p| !self.is_protected(p))
-                .map(|p| (*p, usefulness(p)))
+                .iter()
+                .filter(|(p, since)| {
+                    !self.is_protected(p) && now.duration_since(**since) >= TRIM_GRACE
+                })
+                .map(|(p, _)| (*p, usefulness(p)))
                 .collect();
             ranked.sort_by(|a, b| a.1.total_cmp(&b.1));
             plan.trim = ranked.into_iter().take(excess).map(|(p, _)| p).collect();
@@ -370,9 +375,12 @@ mod tests {
         for p in &others {
             pm.on_connected(*p, now);
         }
-        // 8 connected, high 4, trim to 3.
+        // 8 connected, high 4, trim to 3, but not before the grace period.
         let useful = others[0];
         let plan = pm.plan(now, vec![], |p| if *p == useful { 100.0 } else { 0.0 });
+        assert!(plan.trim.is_empty(), "young connections are not trimmed");
+        let later = now + TRIM_GRACE;
+        let plan = pm.plan(later, vec![], |p| if *p == useful { 100.0 } else { 0.0 });
         assert_eq!(plan.trim.len(), 5);
         assert!(!plan.trim.contains(&boot));
         assert!(!plan.trim.contains(&explicit));

@@ -21,6 +21,11 @@ pub enum SwarmError {
     Behaviour(#[from] crate::behaviour::BehaviourError),
 }
 
+/// How long a connection no protocol uses stays open. Established connections are
+/// kept open by [`crate::keep_alive`] until the peer manager trims them, so this only
+/// bounds connections that never completed their setup.
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Builds the swarm; the caller starts its listeners.
 pub fn build(
     key: Keypair,
@@ -28,7 +33,6 @@ pub fn build(
     deny_list: DenyList,
     registry: &mut Registry,
 ) -> Result<Swarm<Behaviour>, SwarmError> {
-    let idle = config.idle_connection_timeout.get();
     let behaviour = Behaviour::new(&key, config, deny_list, registry)?;
     let Ok(builder) = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
@@ -44,6 +48,6 @@ pub fn build(
         .with_bandwidth_metrics(registry)
         .with_behaviour(|_| behaviour);
     Ok(builder
-        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
         .build())
 }

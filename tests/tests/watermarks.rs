@@ -65,8 +65,9 @@ async fn trims_to_the_band_and_keeps_protected_peers() -> Result<()> {
         .await?;
     }
     // Peers still reach the hub now and then (a DHT query opens a connection), so it
-    // may step over its high watermark; the next tick (2 s) trims it back. Sample for
-    // ten seconds: never out of the band for longer than a tick and a half.
+    // may step over its high watermark; once the new connection is past its grace
+    // period (10 s), the next tick (2 s) trims it back. Sample for twenty seconds:
+    // never out of the band for longer than that.
     let mut samples = Vec::new();
     for _ in 0..20 {
         samples.push(net[hub].status().await?.connected_peers);
@@ -74,7 +75,7 @@ async fn trims_to_the_band_and_keeps_protected_peers() -> Result<()> {
             net[hub].peer_ids().await?.contains(&friend_id),
             "the peer connected on purpose was trimmed"
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let mut longest_out = 0;
     let mut run = 0;
@@ -83,7 +84,7 @@ async fn trims_to_the_band_and_keeps_protected_peers() -> Result<()> {
         longest_out = longest_out.max(run);
     }
     assert!(
-        longest_out <= 6,
+        longest_out <= 14,
         "hub connection counts {samples:?} stayed out of the band 2..=4 for {longest_out} samples"
     );
     let trimmed = net[hub].metric("servant_peers_trimmed_total").await?;
@@ -106,6 +107,38 @@ async fn trims_to_the_band_and_keeps_protected_peers() -> Result<()> {
         );
     }
     println!("checked: every trimmed leaf kept at least two peers of its own");
+    net.pass();
+    Ok(())
+}
+
+/// Connections outside any gossipsub mesh stay open past libp2p's idle timeout (10 s)
+/// until the node decides otherwise: no churn on a node without topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_stay_open() -> Result<()> {
+    let mut net = Net::new();
+    let a = net.spawn("a", &[]).await?;
+    let b = net
+        .spawn("b", &["--bootnode".into(), net[a].addr().to_string()])
+        .await?;
+    let a_id = net[a].id();
+    {
+        let net = &net;
+        eventually(Duration::from_secs(10), "b connected", || async move {
+            Ok(net[b].peer_ids().await?.contains(&a_id).then_some(()))
+        })
+        .await?;
+    }
+    let since = net[b].peers().await?[0].connected_since;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let peers = net[b].peers().await?;
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(
+        peers[0].connected_since, since,
+        "the same connection, never closed"
+    );
+    println!(
+        "checked: an idle connection outside any mesh is still the same connection after 15 s"
+    );
     net.pass();
     Ok(())
 }
