@@ -98,12 +98,12 @@ impl Behaviour {
         // Until roles arrive with NAT traversal every node answers DHT queries.
         kad.set_mode(Some(kad::Mode::Server));
 
-        let gossipsub = build_gossipsub(key, registry)?;
+        let gossipsub = build_gossipsub(key, registry, true)?;
 
         Ok(Behaviour {
             deny: deny::Behaviour::new(deny_list),
             limits: connection_limits::Behaviour::new(limits),
-            keep_alive: keep_alive::Behaviour,
+            keep_alive: keep_alive::Behaviour::default(),
             identify,
             ping,
             kad,
@@ -118,21 +118,36 @@ pub fn message_id(message: &gossipsub::Message) -> gossipsub::MessageId {
     gossipsub::MessageId::from(blake3::hash(&message.data).as_bytes().to_vec())
 }
 
-fn build_gossipsub(
+/// Gossipsub's parameters; `validate` is Servant's own check before forwarding
+/// (see `broadcast`).
+fn gossipsub_config(validate: bool) -> Result<gossipsub::Config, BehaviourError> {
+    let mut builder = gossipsub::ConfigBuilder::default();
+    builder
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .message_id_fn(message_id)
+        .max_transmit_size(GOSSIPSUB_MAX_TRANSMIT);
+    if validate {
+        builder.validate_messages();
+    }
+    builder.build().map_err(|e| BehaviourError {
+        protocol: "gossipsub",
+        reason: e.to_string(),
+    })
+}
+
+/// Gossipsub as Servant runs it: signed, strict, scored, with its metrics in
+/// `registry`. `validate` holds each message for the node's envelope check before
+/// forwarding; benchmarks turn it off for a bare baseline that is otherwise identical.
+pub fn build_gossipsub(
     key: &Keypair,
     registry: &mut Registry,
+    validate: bool,
 ) -> Result<gossipsub::Behaviour, BehaviourError> {
     let err = |reason: String| BehaviourError {
         protocol: "gossipsub",
         reason,
     };
-    let config = gossipsub::ConfigBuilder::default()
-        .validation_mode(gossipsub::ValidationMode::Strict)
-        .validate_messages()
-        .message_id_fn(message_id)
-        .max_transmit_size(GOSSIPSUB_MAX_TRANSMIT)
-        .build()
-        .map_err(|e| err(e.to_string()))?;
+    let config = gossipsub_config(validate)?;
     let behaviour =
         gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)
             .map_err(|e| err(e.to_string()))?;

@@ -66,6 +66,8 @@ pub struct Health {
 struct ConnInfo {
     addr: Multiaddr,
     outbound: bool,
+    /// Dialed on purpose (peer manager, bootnode, API), not by a DHT lookup.
+    chosen: bool,
 }
 
 struct PeerState {
@@ -407,18 +409,21 @@ impl EventLoop {
             protocol_version: None,
             rtt: None,
         });
+        let chosen = self.dial_sources.remove(&connection_id).is_some();
         state.connections.insert(
             connection_id,
             ConnInfo {
                 addr: addr.clone(),
                 outbound,
+                chosen,
             },
         );
         if num_established == 1 {
             self.peer_manager.on_connected(peer, now);
             tracing::debug!(%peer, %addr, outbound, "connected");
+        } else {
+            self.close_duplicates(peer);
         }
-        self.dial_sources.remove(&connection_id);
         if let Some(reply) = self.pending_connects.remove(&connection_id) {
             self.peer_manager.protect(peer);
             let _ = reply.send(Ok(ConnectOutcome {
@@ -448,17 +453,63 @@ impl EventLoop {
             .connections
             .get_or_create(&connection_label(addr, outbound))
             .dec();
-        if let Some(state) = self.peers.get_mut(&peer) {
-            state.connections.remove(&connection_id);
-        }
+        let chosen = self
+            .peers
+            .get_mut(&peer)
+            .and_then(|state| state.connections.remove(&connection_id))
+            .is_some_and(|c| c.chosen);
         if num_established == 0 {
             self.peers.remove(&peer);
-            self.peer_manager.on_disconnected(peer, Instant::now());
+            self.peer_manager
+                .on_disconnected(peer, Instant::now(), chosen);
             tracing::debug!(%peer, cause = ?cause, "disconnected");
         }
         self.metrics
             .connected_peers
             .set(self.peer_manager.connected_count() as i64);
+    }
+
+    /// Two nodes that dial each other at once end up with two connections, each with
+    /// its own streams and buffers. Both sides keep the same one: the connection dialed
+    /// by the smaller PeerId (among several such, the dialer keeps its oldest). Relayed
+    /// connections are left alone.
+    fn close_duplicates(&mut self, peer: PeerId) {
+        let Some(state) = self.peers.get(&peer) else {
+            return;
+        };
+        let direct: Vec<(ConnectionId, bool)> = state
+            .connections
+            .iter()
+            .filter(|(_, c)| !c.addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)))
+            .map(|(id, c)| (*id, c.outbound))
+            .collect();
+        if direct.len() < 2 {
+            return;
+        }
+        let we_are_smaller = self.local < peer;
+        let preferred: Vec<(ConnectionId, bool)> = direct
+            .iter()
+            .copied()
+            .filter(|(_, outbound)| *outbound == we_are_smaller)
+            .collect();
+        let keep = if preferred.is_empty() {
+            direct.clone()
+        } else {
+            preferred
+        };
+        let mut keep_ids: Vec<ConnectionId> = keep.iter().map(|(id, _)| *id).collect();
+        // When we dialed them all, we choose: the oldest (ids grow with time). When
+        // the peer did, it chooses and closes the rest itself.
+        if keep.iter().all(|(_, outbound)| *outbound) {
+            keep_ids.sort();
+            keep_ids.truncate(1);
+        }
+        for (id, _) in direct {
+            if !keep_ids.contains(&id) {
+                tracing::debug!(%peer, connection = ?id, "closing a duplicate connection");
+                self.swarm.close_connection(id);
+            }
+        }
     }
 
     fn on_dial_error(
@@ -782,6 +833,7 @@ impl EventLoop {
                 purpose: source.label(),
             })
             .inc();
+        self.swarm.behaviour_mut().keep_alive.manage(connection_id);
         match self.swarm.dial(opts) {
             Ok(()) => {
                 self.peer_manager.on_dialing(peer, Instant::now());
@@ -918,6 +970,7 @@ impl EventLoop {
                 purpose: Source::Api.label(),
             })
             .inc();
+        self.swarm.behaviour_mut().keep_alive.manage(connection_id);
         match self.swarm.dial(opts) {
             Ok(()) => {
                 self.dial_sources.insert(connection_id, (peer, Source::Api));
@@ -1101,9 +1154,9 @@ fn usefulness(
     }
     score += gossip_score.unwrap_or(0.0).clamp(-100.0, 100.0);
     if let Some(state) = state {
-        // Peers we chose are worth more than peers that chose us: an attacker can
-        // fill our inbound slots, not our outbound ones.
-        if state.connections.values().any(|c| c.outbound) {
+        // Peers we chose are worth more than peers that chose us (an attacker can
+        // fill our inbound slots, not our outbound ones) or that a DHT lookup met.
+        if state.connections.values().any(|c| c.chosen) {
             score += 10.0;
         }
         score += (now.duration_since(state.since).as_secs_f64() / 60.0).min(30.0);

@@ -1,13 +1,21 @@
-//! Keeps established connections open until the node decides to close them.
+//! Keeps the connections this node chose open until it decides to close them.
 //!
 //! libp2p closes a connection once no protocol has work on it, and gossipsub only keeps
 //! connections to its mesh peers busy: a node with no topics would lose every peer after
 //! the idle timeout, fall below its low watermark and dial them all again, a minute
-//! later and forever. With this behaviour the [`peer_manager`](crate::peer_manager) is
-//! the one that closes surplus connections (above the high watermark), as a connection
-//! manager should; peers that vanish are still caught by ping.
+//! later and forever. So the connections the node means to keep are held open here, and
+//! the [`peer_manager`](crate::peer_manager) closes the surplus (above the high
+//! watermark), as a connection manager should; peers that vanish are caught by ping.
+//!
+//! Which connections are meant: those the node dialed on purpose (the peer manager, a
+//! bootnode, `servant connect`; see [`Behaviour::manage`]) and every inbound one (the
+//! dialer decided it wanted it, and it closes the connection when it stops wanting it).
+//! A connection Kademlia opened for a lookup is not held: it closes once idle, unless
+//! gossipsub takes the peer into a mesh. Without this distinction every node's first
+//! lookups would leave it connected to most of the network.
 
 use std::{
+    collections::HashSet,
     convert::Infallible,
     task::{Context, Poll},
 };
@@ -24,7 +32,18 @@ use libp2p::{
 
 /// The behaviour: one [`Handler`] per connection, nothing else.
 #[derive(Debug, Default)]
-pub struct Behaviour;
+pub struct Behaviour {
+    /// Outbound connections dialed on purpose and not yet established. Bounded by
+    /// the dials in flight: entries leave on establishment or on failure.
+    managed: HashSet<ConnectionId>,
+}
+
+impl Behaviour {
+    /// Marks the dial with this id as deliberate: its connection is held open.
+    pub fn manage(&mut self, connection_id: ConnectionId) {
+        self.managed.insert(connection_id);
+    }
+}
 
 impl NetworkBehaviour for Behaviour {
     type ConnectionHandler = Handler;
@@ -37,21 +56,27 @@ impl NetworkBehaviour for Behaviour {
         _: &Multiaddr,
         _: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(Handler)
+        Ok(Handler { keep_alive: true })
     }
 
     fn handle_established_outbound_connection(
         &mut self,
-        _: ConnectionId,
+        connection_id: ConnectionId,
         _: PeerId,
         _: &Multiaddr,
         _: Endpoint,
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(Handler)
+        Ok(Handler {
+            keep_alive: self.managed.remove(&connection_id),
+        })
     }
 
-    fn on_swarm_event(&mut self, _: FromSwarm) {}
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        if let FromSwarm::DialFailure(failure) = event {
+            self.managed.remove(&failure.connection_id);
+        }
+    }
 
     fn on_connection_handler_event(
         &mut self,
@@ -67,9 +92,12 @@ impl NetworkBehaviour for Behaviour {
     }
 }
 
-/// A handler that speaks no protocol and asks for its connection to stay open.
+/// A handler that speaks no protocol and asks for its connection to stay open, or
+/// leaves that to the other protocols.
 #[derive(Debug)]
-pub struct Handler;
+pub struct Handler {
+    keep_alive: bool,
+}
 
 impl ConnectionHandler for Handler {
     type FromBehaviour = Infallible;
@@ -84,7 +112,7 @@ impl ConnectionHandler for Handler {
     }
 
     fn connection_keep_alive(&self) -> bool {
-        true
+        self.keep_alive
     }
 
     fn on_behaviour_event(&mut self, event: Self::FromBehaviour) {

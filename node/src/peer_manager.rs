@@ -174,14 +174,15 @@ impl PeerManager {
         }
     }
 
-    /// The last connection to `peer` closed.
-    pub fn on_disconnected(&mut self, peer: PeerId, now: Instant) {
+    /// The last connection to `peer` closed. `chosen`: it was one this node dialed on
+    /// purpose, so a short life means the peer keeps closing us.
+    pub fn on_disconnected(&mut self, peer: PeerId, now: Instant, chosen: bool) {
         let lived = self
             .connected
             .remove(&peer)
             .map_or(Duration::ZERO, |since| now.duration_since(since));
         let previous = self.backoff.get(&peer).map_or(0, |b| b.failures);
-        let (failures, delay) = if lived >= STABLE_CONNECTION {
+        let (failures, delay) = if lived >= STABLE_CONNECTION || !chosen {
             (0, RECONNECT_COOLDOWN)
         } else {
             let failures = previous + 1;
@@ -256,6 +257,7 @@ impl PeerManager {
                 .saturating_sub(self.connected.len() + self.dialing.len())
                 .min(MAX_CONCURRENT_DIALS.saturating_sub(self.dialing.len()));
             let mut picked = 0;
+            let wanted = budget;
             for candidate in candidates {
                 if picked >= budget {
                     break;
@@ -267,10 +269,13 @@ impl PeerManager {
                 plan.dial.push(candidate);
                 picked += 1;
             }
+            // A random walk only when the routing table and known peers could not
+            // fill the dial budget: it costs a burst of connections across the DHT.
             let due = self
                 .last_discovery
                 .is_none_or(|t| now.duration_since(t) >= DISCOVERY_INTERVAL);
-            if due {
+            let short = picked < wanted || self.connected.len() + self.dialing.len() == 0;
+            if due && short {
                 self.last_discovery = Some(now);
                 plan.discover = true;
             }
@@ -325,11 +330,23 @@ mod tests {
         let peers: Vec<PeerId> = (0..10).map(|_| PeerId::random()).collect();
         let plan = pm.plan(now, peers.iter().map(|p| candidate(*p)).collect(), |_| 0.0);
         assert_eq!(plan.dial.len(), 3);
-        assert!(plan.discover);
+        assert!(!plan.discover, "enough candidates: no random walk");
         // In-flight dials are not repeated.
         let plan = pm.plan(now, peers.iter().map(|p| candidate(*p)).collect(), |_| 0.0);
         assert!(plan.dial.is_empty());
-        assert!(!plan.discover, "discovery is rate-limited");
+    }
+
+    #[test]
+    fn random_walk_only_when_short_of_candidates() {
+        let now = Instant::now();
+        let mut pm = PeerManager::new(3, 6, vec![]);
+        let plan = pm.plan(now, vec![candidate(PeerId::random())], |_| 0.0);
+        assert_eq!(plan.dial.len(), 1);
+        assert!(plan.discover);
+        let plan = pm.plan(now, vec![], |_| 0.0);
+        assert!(!plan.discover, "rate-limited");
+        let plan = pm.plan(now + DISCOVERY_INTERVAL, vec![], |_| 0.0);
+        assert!(plan.discover);
     }
 
     #[test]
@@ -396,7 +413,7 @@ mod tests {
         let mut waits = Vec::new();
         for _ in 0..6 {
             pm.on_connected(p, t);
-            pm.on_disconnected(p, t + Duration::from_secs(1));
+            pm.on_disconnected(p, t + Duration::from_secs(1), true);
             let until = pm.backoff[&p].until;
             waits.push(until.duration_since(t + Duration::from_secs(1)));
             t = until;
@@ -405,7 +422,7 @@ mod tests {
         assert_eq!(*waits.last().unwrap(), BACKOFF_MAX);
         // A stable connection resets the count.
         pm.on_connected(p, t);
-        pm.on_disconnected(p, t + STABLE_CONNECTION);
+        pm.on_disconnected(p, t + STABLE_CONNECTION, true);
         assert_eq!(pm.backoff[&p].failures, 0);
     }
 
@@ -415,7 +432,7 @@ mod tests {
         let mut pm = PeerManager::new(1, 2, vec![]);
         let p = PeerId::random();
         pm.on_connected(p, now);
-        pm.on_disconnected(p, now);
+        pm.on_disconnected(p, now, false);
         assert!(pm.plan(now, vec![candidate(p)], |_| 0.0).dial.is_empty());
         assert_eq!(
             pm.plan(now + RECONNECT_COOLDOWN, vec![candidate(p)], |_| 0.0)
