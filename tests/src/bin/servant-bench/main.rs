@@ -1,0 +1,351 @@
+//! `servant-bench`: Servant measured against bare rust-libp2p in the same run.
+//!
+//! ```text
+//! cargo run --release -p servant-tests --bin servant-bench -- gossip \
+//!     [--nodes 50 --rate 50 --publishers 5 --secs 20 --out target/bench/gossip.json]
+//! ```
+//!
+//! `gossip` plans a topology, runs Servant's nodes in one child process and the bare
+//! gossipsub baseline in another (this binary re-executed in the hidden
+//! `gossip-child` mode), then writes a JSON report and prints a table with Servant's
+//! figures, the baseline's, their ratio and the targets.
+
+mod baseline_net;
+mod driver;
+mod load;
+mod memory;
+mod openmetrics;
+mod params;
+mod process;
+mod report;
+mod servant_net;
+mod topology;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{
+    baseline_net::BaselineNet, driver::ImplResult, params::Params, report::Report,
+    servant_net::ServantNet, topology::Edge,
+};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks Servant against bare rust-libp2p in the same run")]
+struct Cli {
+    #[command(subcommand)]
+    command: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Broadcast: Servant's gossipsub against a bare gossipsub baseline.
+    Gossip {
+        #[command(flatten)]
+        params: Params,
+        /// Where the JSON report goes; the table is written beside it as `.txt`.
+        #[arg(long, default_value = "target/bench/gossip.json")]
+        out: PathBuf,
+        /// Exit with status 1 when Servant misses a target.
+        #[arg(long)]
+        check: bool,
+    },
+    /// One implementation's full-mesh memory run (used by `gossip`).
+    #[command(hide = true)]
+    MemoryChild {
+        /// Which implementation.
+        #[arg(long, value_enum)]
+        implementation: Implementation,
+        /// The parameters, as JSON.
+        #[arg(long)]
+        params: String,
+        /// Where to write the result as JSON.
+        #[arg(long)]
+        result: PathBuf,
+    },
+    /// One implementation's run (used by `gossip`).
+    #[command(hide = true)]
+    GossipChild {
+        /// Which implementation.
+        #[arg(long, value_enum)]
+        implementation: Implementation,
+        /// The parameters, as JSON.
+        #[arg(long)]
+        params: String,
+        /// A JSON file with the edges to connect.
+        #[arg(long)]
+        edges: PathBuf,
+        /// Where to write the result as JSON.
+        #[arg(long)]
+        result: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Implementation {
+    Servant,
+    Baseline,
+}
+
+impl Implementation {
+    fn name(self) -> &'static str {
+        match self {
+            Implementation::Servant => "servant",
+            Implementation::Baseline => "baseline",
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Mode::Gossip { params, out, check } => {
+            let report = gossip(&params, &out)?;
+            if check && !report.all_targets_met {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Mode::MemoryChild {
+            implementation,
+            params,
+            result,
+        } => {
+            let params: Params = serde_json::from_str(&params).context("--params")?;
+            let outcome = memory_child(implementation, &params)?;
+            write_json(&result, &outcome)
+        }
+        Mode::GossipChild {
+            implementation,
+            params,
+            edges,
+            result,
+        } => {
+            let params: Params = serde_json::from_str(&params).context("--params")?;
+            let edges: Vec<Edge> = read_json(&edges)?;
+            let outcome = child(implementation, &params, &edges)?;
+            std::fs::write(&result, serde_json::to_vec_pretty(&outcome)?)
+                .with_context(|| format!("write {}", result.display()))
+        }
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    std::fs::write(path, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("write {}", path.display()))
+}
+
+/// The parent: plan, run both children, report.
+fn gossip(params: &Params, out: &Path) -> Result<Report> {
+    params.check()?;
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("gossip");
+
+    let planned = topology::plan(
+        params.nodes,
+        params.min_degree,
+        params.max_degree,
+        params.seed,
+    )?;
+    let plan_path = dir.join(format!("{stem}.planned-edges.json"));
+    write_json(&plan_path, &planned)?;
+
+    let servant = run_child(Implementation::Servant, params, &plan_path, dir, stem)?;
+    if !topology::is_connected(params.nodes, &servant.topology.edges) {
+        eprintln!("warning: Servant's graph at the start of the load was not connected");
+    }
+    // The baseline gets the graph Servant actually had, not the plan.
+    let edges_path = dir.join(format!("{stem}.servant-edges.json"));
+    write_json(&edges_path, &servant.topology.edges)?;
+    let baseline = run_child(Implementation::Baseline, params, &edges_path, dir, stem)?;
+    if topology::pairs(&baseline.topology.edges) != topology::pairs(&servant.topology.edges) {
+        eprintln!(
+            "warning: the baseline's graph differs from Servant's (see topology in the report)"
+        );
+    }
+
+    let mesh_params = memory::params(params);
+    let full_mesh = report::FullMesh {
+        servant: run_memory_child(Implementation::Servant, &mesh_params, dir, stem)?,
+        baseline: run_memory_child(Implementation::Baseline, &mesh_params, dir, stem)?,
+    };
+
+    let comparison = report::compare(&servant, &baseline, &full_mesh, params.nodes);
+    let all_targets_met = comparison.iter().all(|r| r.pass != Some(false));
+    let report = Report {
+        benchmark: "gossip",
+        finished_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        machine: process::Machine::detect(),
+        params: params.clone(),
+        planned_edges: planned.len(),
+        method: report::METHOD.to_vec(),
+        comparison,
+        all_targets_met,
+        servant,
+        baseline,
+        full_mesh,
+    };
+    write_json(out, &report)?;
+    let table = report::table(&report);
+    let table_path = out.with_extension("txt");
+    std::fs::write(&table_path, &table)
+        .with_context(|| format!("write {}", table_path.display()))?;
+    println!("\n{table}");
+    println!(
+        "report: {}\ntable:  {}",
+        out.display(),
+        table_path.display()
+    );
+    Ok(report)
+}
+
+fn run_child(
+    implementation: Implementation,
+    params: &Params,
+    edges: &Path,
+    dir: &Path,
+    stem: &str,
+) -> Result<ImplResult> {
+    let name = implementation.name();
+    let other_cores = wait_for_quiet(name, params)?;
+    let result = dir.join(format!("{stem}.{name}.json"));
+    let _ = std::fs::remove_file(&result);
+    let exe = std::env::current_exe().context("path of this executable")?;
+    eprintln!("[{name}] starting child process");
+    let status = Command::new(exe)
+        .arg("gossip-child")
+        .args(["--implementation", name])
+        .arg("--params")
+        .arg(serde_json::to_string(params)?)
+        .arg("--edges")
+        .arg(edges)
+        .arg("--result")
+        .arg(&result)
+        .status()
+        .with_context(|| format!("run the {name} child"))?;
+    if !status.success() {
+        bail!("the {name} child failed: {status}");
+    }
+    let mut outcome: ImplResult = read_json(&result)?;
+    outcome.cpu.other_cores_busy_before = other_cores;
+    Ok(outcome)
+}
+
+fn run_memory_child(
+    implementation: Implementation,
+    params: &Params,
+    dir: &Path,
+    stem: &str,
+) -> Result<memory::FullMeshMemory> {
+    let name = implementation.name();
+    wait_for_quiet(name, params)?;
+    let result = dir.join(format!("{stem}.{name}.full-mesh.json"));
+    let _ = std::fs::remove_file(&result);
+    let exe = std::env::current_exe().context("path of this executable")?;
+    eprintln!("[{name}] starting the full-mesh memory child");
+    let status = Command::new(exe)
+        .arg("memory-child")
+        .args(["--implementation", name])
+        .arg("--params")
+        .arg(serde_json::to_string(params)?)
+        .arg("--result")
+        .arg(&result)
+        .status()
+        .with_context(|| format!("run the {name} memory child"))?;
+    if !status.success() {
+        bail!("the {name} memory child failed: {status}");
+    }
+    read_json(&result)
+}
+
+/// A full-mesh memory child: one implementation in a fresh runtime.
+fn memory_child(implementation: Implementation, params: &Params) -> Result<memory::FullMeshMemory> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let limit = Duration::from_secs(params.idle_secs + params.settle_timeout_secs + 180);
+    let name = implementation.name();
+    let result = runtime.block_on(async {
+        let run = async {
+            match implementation {
+                Implementation::Servant => memory::run::<ServantNet>(name, params).await,
+                Implementation::Baseline => memory::run::<BaselineNet>(name, params).await,
+            }
+        };
+        tokio::time::timeout(limit, run)
+            .await
+            .unwrap_or_else(|_| bail!("[{name}] did not finish within {limit:?}"))
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// Waits until other processes use at most `quiet_cores` (measured over 2 s, while
+/// this process sleeps), or `quiet_wait_secs` passed; returns the last measurement.
+fn wait_for_quiet(name: &str, params: &Params) -> Result<f64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(params.quiet_wait_secs);
+    let window = Duration::from_secs(2);
+    loop {
+        let before = process::machine_busy_seconds()?;
+        std::thread::sleep(window);
+        let others = (process::machine_busy_seconds()? - before) / window.as_secs_f64();
+        if others <= params.quiet_cores {
+            return Ok(others);
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!(
+                "[{name}] WARNING: other processes still keep {others:.2} cores busy; running anyway \
+                 (latency will be inflated)"
+            );
+            return Ok(others);
+        }
+        eprintln!(
+            "[{name}] other processes keep {others:.2} cores busy; waiting for a quiet machine"
+        );
+    }
+}
+
+/// A child: one implementation in a fresh runtime, with a watchdog.
+fn child(implementation: Implementation, params: &Params, edges: &[Edge]) -> Result<ImplResult> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    // Start-up, meshing and draining take well under two minutes on a laptop.
+    let limit = Duration::from_secs(
+        params.secs + params.idle_secs + params.settle_timeout_secs + params.drain_secs + 180,
+    );
+    let name = implementation.name();
+    let result = runtime.block_on(async {
+        let run = async {
+            match implementation {
+                Implementation::Servant => {
+                    driver::run::<ServantNet>(name, servant_net::DESCRIPTION, params, edges).await
+                }
+                Implementation::Baseline => {
+                    driver::run::<BaselineNet>(name, baseline_net::DESCRIPTION, params, edges).await
+                }
+            }
+        };
+        tokio::time::timeout(limit, run)
+            .await
+            .unwrap_or_else(|_| bail!("[{name}] did not finish within {limit:?}"))
+    });
+    // Nodes may leave tasks behind (API servers, connection handlers): do not wait.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
