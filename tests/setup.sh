@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs what the tests need beyond Rust: Debian's prometheus package and a Python
+# Installs what the tests need beyond Rust: Debian packages (iptables, iproute2,
+# util-linux, prometheus) and a Python
 # venv with py-libp2p. Idempotent: a second run only checks.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-for step in prometheus python; do
+for step in system prometheus python; do
     echo "== setup: $step"
     bash "$here/setup/$step.sh"
 done

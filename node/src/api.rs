@@ -20,12 +20,16 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
+use servant_protocol::manifest::ContentId;
+
 use crate::{
     client::{Client, CommandError, ConnectTarget},
     config::Config,
     datadir::{write_atomic, DataDir},
     deny::BanTarget,
     event_loop::Health,
+    fetch::{self, FetchContext, FetchRequest, Progress},
+    store::{Store, StoreError},
 };
 
 /// Largest request body accepted; every JSON request of ours is far smaller.
@@ -47,6 +51,18 @@ struct AppState {
     health: watch::Receiver<Health>,
     token: Option<Arc<str>>,
     shutdown: watch::Receiver<bool>,
+    files: FilesState,
+}
+
+/// What the file endpoints need besides the client.
+#[derive(Clone)]
+pub struct FilesState {
+    /// The content store.
+    pub store: Arc<Store>,
+    /// Everything a fetch task needs.
+    pub fetch: FetchContext,
+    /// Chunk size of new shares.
+    pub chunk_size: u32,
 }
 
 /// Why the API could not start.
@@ -130,6 +146,7 @@ impl Api {
         health: watch::Receiver<Health>,
         token: Option<String>,
         shutdown: watch::Receiver<bool>,
+        files: FilesState,
     ) -> Result<Api, ApiError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -140,6 +157,7 @@ impl Api {
             health,
             token: token.map(Arc::from),
             shutdown,
+            files,
         };
         Ok(Api {
             listener,
@@ -175,6 +193,11 @@ fn router(state: AppState) -> Router {
         .route("/unban", post(unban))
         .route("/publish", post(publish))
         .route("/subscribe", get(subscribe))
+        .route("/share", post(share))
+        .route("/shares", get(shares))
+        .route("/unshare", post(unshare))
+        .route("/fetch", post(fetch))
+        .route("/search", get(search))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -412,6 +435,168 @@ async fn subscribe(State(state): State<AppState>, Query(q): Query<SubscribeQuery
         HeaderValue::from_static("application/x-ndjson"),
     );
     response
+}
+
+/// Turns a channel of serializable items into an NDJSON response; the response ends
+/// when every sender is gone, and dropping it (the client left) closes the channel.
+fn ndjson<T: Serialize + Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> Response {
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let item = rx.recv().await?;
+        let mut line = serde_json::to_vec(&item).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok::<Bytes, Infallible>(Bytes::from(line)), rx))
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
+impl IntoResponse for StoreError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            StoreError::DiskFull { .. } | StoreError::QuotaFull { .. } => {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
+            StoreError::AlreadyExists(_) => StatusCode::CONFLICT,
+            StoreError::Io { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        error_response(status, &self.to_string())
+    }
+}
+
+/// Body of `POST /v1/share`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ShareRequest {
+    /// An absolute path to a file or directory on the node's machine.
+    pub path: std::path::PathBuf,
+}
+
+async fn share(State(state): State<AppState>, Json(req): Json<ShareRequest>) -> Response {
+    if !req.path.is_absolute() {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "the path must be absolute (the node does not know the caller's directory)",
+        );
+    }
+    let store = state.files.store.clone();
+    let chunk_size = state.files.chunk_size;
+    let imported = tokio::task::spawn_blocking(move || store.import(&req.path, chunk_size)).await;
+    let id = match imported {
+        Ok(Ok((id, _))) => id,
+        Ok(Err(e)) => return e.into_response(),
+        Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    };
+    if let Err(e) = state.client.provide(id).await {
+        return e.into_response();
+    }
+    match state.files.store.info(id) {
+        Some(info) => Json(info).into_response(),
+        None => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "imported content vanished",
+        ),
+    }
+}
+
+async fn shares(State(state): State<AppState>) -> Response {
+    Json(state.files.store.list()).into_response()
+}
+
+/// Body of `POST /v1/unshare`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct IdRequest {
+    /// A content id.
+    pub id: String,
+}
+
+async fn unshare(State(state): State<AppState>, Json(req): Json<IdRequest>) -> Response {
+    let id: ContentId = match req.id.parse() {
+        Ok(id) => id,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, &format!("{e}")),
+    };
+    if let Err(e) = state.client.unprovide(id).await {
+        return e.into_response();
+    }
+    let store = state.files.store.clone();
+    match tokio::task::spawn_blocking(move || store.remove(id)).await {
+        Ok(Ok(true)) => Json(serde_json::json!({ "id": id, "removed": true })).into_response(),
+        Ok(Ok(false)) => {
+            error_response(StatusCode::NOT_FOUND, &format!("{id} is not in the store"))
+        }
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+/// Runs a fetch and streams its progress as JSON lines; the last line is `finished`
+/// or `failed`. Closing the connection cancels the fetch (its verified chunks stay).
+async fn fetch(State(state): State<AppState>, Json(req): Json<FetchRequest>) -> Response {
+    for path in req.out.iter().chain(req.dir.iter()) {
+        if !path.is_absolute() {
+            return error_response(StatusCode::BAD_REQUEST, "output paths must be absolute");
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Progress>(64);
+    let ctx = state.files.fetch.clone();
+    tokio::spawn(async move {
+        let last = match fetch::run(ctx.clone(), req.clone(), tx.clone()).await {
+            Ok(done) => done,
+            Err(e) => {
+                let info = ctx.store.info(req.id);
+                Progress::Failed {
+                    error: e.to_string(),
+                    have_chunks: info.as_ref().map_or(0, |i| i.have_chunks),
+                    chunks: info.as_ref().map_or(0, |i| i.chunks),
+                }
+            }
+        };
+        let _ = tx.send(last).await;
+    });
+    ndjson(rx)
+}
+
+/// Query of `GET /v1/search`.
+#[derive(Debug, Deserialize)]
+pub struct SearchQuery {
+    /// What to look for in content names.
+    pub term: String,
+    /// Hops the query may travel (1: connected peers only).
+    #[serde(default = "default_ttl")]
+    pub ttl: u8,
+    /// How long to collect hits, in milliseconds (at most 60 s).
+    #[serde(default = "default_search_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_ttl() -> u8 {
+    3
+}
+
+fn default_search_ms() -> u64 {
+    3000
+}
+
+/// Streams hits as JSON lines as they arrive, until the timeout.
+async fn search(State(state): State<AppState>, Query(q): Query<SearchQuery>) -> Response {
+    let mut hits = match within(state.client.search(q.term, q.ttl)).await {
+        Ok(rx) => rx,
+        Err(r) => return r,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(q.timeout_ms.min(60_000));
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Ok(Some(hit)) = tokio::time::timeout_at(deadline, hits.recv()).await {
+            if tx.send(hit).await.is_err() {
+                break;
+            }
+        }
+    });
+    ndjson(rx)
 }
 
 #[cfg(test)]

@@ -11,17 +11,22 @@ use std::{
 
 use libp2p::{
     connection_limits::{self, ConnectionLimits},
-    gossipsub, identify,
+    dcutr, gossipsub, identify,
     identity::Keypair,
-    kad::{self, store::MemoryStore},
-    ping,
+    kad, ping, relay, request_response,
     swarm::NetworkBehaviour,
     StreamProtocol,
 };
 
 use prometheus_client::registry::Registry;
 
-use crate::{config::Config, deny, keep_alive};
+use crate::{
+    codecs::{FileCodec, SearchCodec, FILE_PROTOCOL, SEARCH_PROTOCOL},
+    config::Config,
+    deny, keep_alive,
+    provider_store::ProviderStore,
+    reach,
+};
 
 /// Identify's protocol version: peers on another version are other networks.
 pub const PROTOCOL_VERSION: &str = "/servant/1.0.0";
@@ -34,6 +39,17 @@ pub const GOSSIPSUB_MAX_TRANSMIT: usize = servant_protocol::limits::MAX_ENVELOPE
 /// Ping period and timeout; a failed ping closes the connection, so a peer that
 /// vanished without closing leaves every view within about twice this.
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a file request may take, answer included: a 4 MiB chunk over a slow
+/// link, queued behind others of the same fetch.
+pub const FILE_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// File-protocol streams per connection, both directions: room for our own requests
+/// (at most `files::MAX_OUTBOUND_PER_PEER`) and the peer's, whose excess we answer
+/// "busy" at once.
+pub const FILE_STREAMS_PER_CONNECTION: usize = 160;
+/// How long a search message may wait for its acknowledgement.
+pub const SEARCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long Kademlia keeps a remote provider record without a re-announcement.
+pub const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(6 * 3600);
 
 /// Everything the node speaks.
 #[derive(NetworkBehaviour)]
@@ -49,9 +65,23 @@ pub struct Behaviour {
     /// Liveness and round-trip time.
     pub ping: ping::Behaviour,
     /// Peer discovery on Servant's private DHT.
-    pub kad: kad::Behaviour<MemoryStore>,
+    pub kad: kad::Behaviour<ProviderStore>,
     /// Broadcast: signed messages, content-hash ids, validation by the node, scoring.
     pub gossipsub: gossipsub::Behaviour,
+    /// Manifests and chunks, `/servant/file/1.0.0`.
+    pub file: request_response::Behaviour<FileCodec>,
+    /// Queries with a time-to-live and their hits, `/servant/search/1.0.0`.
+    pub search: request_response::Behaviour<SearchCodec>,
+    /// Raw streams: Servant's AutoNAT v2 client and its dial-back answers.
+    pub stream: libp2p_stream::Behaviour,
+    /// AutoNAT v2 server, throttled: dials peers back so they learn their reachability.
+    pub autonat: reach::server::Behaviour,
+    /// Circuit relay v2 server; it offers the hop protocol only on super-peers.
+    pub relay: relay::Behaviour,
+    /// Circuit relay v2 client: reservations on super-peers, relayed dials.
+    pub relay_client: relay::client::Behaviour,
+    /// Upgrades relayed connections to direct ones by hole punching.
+    pub dcutr: dcutr::Behaviour,
 }
 
 /// Why the behaviour could not be built (a parameter gossipsub refused).
@@ -68,6 +98,7 @@ impl Behaviour {
         key: &Keypair,
         config: &Config,
         deny_list: deny::DenyList,
+        relay_client: relay::client::Behaviour,
         registry: &mut Registry,
     ) -> Result<Self, BehaviourError> {
         let peer_id = key.public().to_peer_id();
@@ -93,10 +124,21 @@ impl Behaviour {
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
         kad_config
             .set_periodic_bootstrap_interval(Some(config.bootstrap_interval.get()))
-            .set_query_timeout(Duration::from_secs(30));
-        let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
-        // Until roles arrive with NAT traversal every node answers DHT queries.
+            .set_query_timeout(Duration::from_secs(30))
+            // The DHT is for finding peers and providers: the event loop stores the
+            // provider records remote peers push (into the capped part of the store)
+            // and drops value records, which Servant has no use for.
+            .set_record_filtering(kad::StoreInserts::FilterBoth)
+            .set_provider_publication_interval(Some(config.reprovide_interval.get()))
+            .set_provider_record_ttl(Some(
+                PROVIDER_RECORD_TTL.max(config.reprovide_interval.get() * 2),
+            ));
+        let mut kad = kad::Behaviour::with_config(peer_id, ProviderStore::new(peer_id), kad_config);
+        // Every node answers DHT queries until its role says otherwise (see `role`).
         kad.set_mode(Some(kad::Mode::Server));
+        let mut relay = relay::Behaviour::new(peer_id, config.relay_profile.relay_config());
+        // Offered only once the node is a super-peer (see `role`).
+        relay.set_status(Some(relay::Status::Disable));
 
         let gossipsub = build_gossipsub(key, registry, true)?;
 
@@ -108,6 +150,23 @@ impl Behaviour {
             ping,
             kad,
             gossipsub,
+            file: request_response::Behaviour::with_codec(
+                FileCodec,
+                [(FILE_PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(FILE_REQUEST_TIMEOUT)
+                    .with_max_concurrent_streams(FILE_STREAMS_PER_CONNECTION),
+            ),
+            search: request_response::Behaviour::with_codec(
+                SearchCodec,
+                [(SEARCH_PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(SEARCH_REQUEST_TIMEOUT),
+            ),
+            stream: libp2p_stream::Behaviour::new(),
+            autonat: reach::server::Behaviour::default(),
+            relay,
+            relay_client,
+            dcutr: dcutr::Behaviour::new(peer_id),
         })
     }
 }
@@ -187,7 +246,8 @@ fn peer_score_params() -> gossipsub::PeerScoreParams {
 
 /// Score parameters for a topic this node joins. Mesh-delivery penalties are off:
 /// on a quiet topic an honest peer delivers nothing and would be punished for it.
-/// An invalid message costs -10 (squared per count), so three graylist a peer.
+/// Invalid messages cost -10 times their count squared (decaying with a half-life of
+/// about six minutes), so three within a few minutes graylist a peer.
 pub fn topic_score_params() -> gossipsub::TopicScoreParams {
     gossipsub::TopicScoreParams {
         topic_weight: 1.0,
@@ -200,7 +260,10 @@ pub fn topic_score_params() -> gossipsub::TopicScoreParams {
         mesh_message_deliveries_weight: 0.0,
         mesh_failure_penalty_weight: 0.0,
         invalid_message_deliveries_weight: -10.0,
-        invalid_message_deliveries_decay: 0.5,
+        // Counters decay once a second (gossipsub's decay interval): 0.998 is a
+        // half-life of about six minutes, so a steady trickle of invalid messages
+        // adds up instead of fading between messages.
+        invalid_message_deliveries_decay: 0.998,
         ..gossipsub::TopicScoreParams::default()
     }
 }

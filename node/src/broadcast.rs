@@ -8,7 +8,7 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use libp2p::{
@@ -19,11 +19,13 @@ use serde::{Deserialize, Serialize};
 use servant_protocol::{Envelope, EnvelopeError};
 use tokio::sync::broadcast;
 
+use crate::clock::unix_ms;
+
 /// Most topics a node joins at once; bounds gossipsub state and metric labels.
 pub const MAX_TOPICS: usize = 64;
 /// Messages buffered per topic for slow local subscribers; a subscriber that falls
 /// further behind is told how many it missed.
-pub const SUBSCRIBER_BUFFER: usize = 1024;
+pub const SUBSCRIBER_BUFFER: usize = 256;
 /// Most envelope ids remembered for duplicate suppression.
 pub const SEEN_CAPACITY: usize = 100_000;
 /// A topic no local subscriber listens to any more is left after this long (unless
@@ -72,6 +74,9 @@ pub enum BroadcastError {
     /// The node already joined [`MAX_TOPICS`] topics.
     #[error("this node already joined {MAX_TOPICS} topics")]
     TooManyTopics,
+    /// The same message was just published (same title, body and millisecond).
+    #[error("an identical message was just published")]
+    Duplicate,
     /// Gossipsub refused the message.
     #[error("gossipsub refused the message: {0}")]
     Gossipsub(String),
@@ -259,6 +264,7 @@ impl Broadcast {
             Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
                 return Err(BroadcastError::NoPeers(topic.to_string()))
             }
+            Err(gossipsub::PublishError::Duplicate) => return Err(BroadcastError::Duplicate),
             Err(e) => return Err(BroadcastError::Gossipsub(e.to_string())),
         }
         self.seen.insert(&envelope.id, Instant::now());
@@ -305,12 +311,25 @@ impl Broadcast {
                 ),
             });
         }
-        // A replay outside gossipsub's duplicate window lands here: honest peers
-        // forward within moments of publication, so an old message is refused and
-        // its sender penalized. Clock skew is what max_clock_skew tolerates.
-        envelope
-            .check_age(unix_ms(), self.max_age_ms, self.max_skew_ms)
-            .map_err(reject)?;
+        // A replay outside gossipsub's duplicate window lands here and is refused.
+        // Honest forwarders check the same rule moments earlier, so only a clock off
+        // by more than max_clock_skew makes them fail it: a message up to twice the
+        // limits is ignored without penalty; beyond that no clock explains it, and
+        // the sender pays.
+        if let Err(e) = envelope.check_age(unix_ms(), self.max_age_ms, self.max_skew_ms) {
+            let blatant = envelope
+                .check_age(unix_ms(), self.max_age_ms * 2, self.max_skew_ms * 2)
+                .is_err();
+            return Err(Rejection {
+                reason: e.reason(),
+                acceptance: if blatant {
+                    MessageAcceptance::Reject
+                } else {
+                    MessageAcceptance::Ignore
+                },
+                detail: e.to_string(),
+            });
+        }
         if !self.seen.insert(&envelope.id, Instant::now()) {
             return Err(Rejection {
                 reason: "duplicate",
@@ -334,14 +353,6 @@ impl Broadcast {
             let _ = state.sender.send(Arc::new(delivery));
         }
     }
-}
-
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

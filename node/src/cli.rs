@@ -22,6 +22,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::{
     api::{PublishRequest, TargetRequest, TOKEN_ENV},
     broadcast::Delivery,
+    cli_files,
     client::{BanOutcome, BanView, ConnectOutcome, PeerView, Status},
     config::{default_data_dir, Config, ConfigError, RunArgs, DEFAULT_API_ADDR},
     identity, logging, Node,
@@ -94,6 +95,48 @@ enum Cmd {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Share a file or a directory: import it into the node's store and announce it.
+    Share {
+        /// The file or directory.
+        path: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List the contents in the node's store (shared and fetched).
+    Shares(ApiArgs),
+    /// Stop sharing a content and remove it from the store.
+    Unshare {
+        /// The content id.
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Fetch a content by id from the peers that have it.
+    Fetch {
+        /// The content id (as `servant share` printed it).
+        id: String,
+        /// Where to write it [default: its name, in the current directory].
+        #[arg(short, long, value_name = "PATH")]
+        out: Option<PathBuf>,
+        /// Replace an existing file or directory at the output path.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Search the network for contents whose name contains TERM.
+    Search {
+        /// What to look for (case-insensitive), or a content id.
+        term: String,
+        /// How many hops the query travels (1: connected peers only).
+        #[arg(long, default_value_t = 3)]
+        ttl: u8,
+        /// How long to wait for hits.
+        #[arg(long, default_value = "3s", value_name = "DURATION")]
+        timeout: crate::config::HumanDuration,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -138,7 +181,7 @@ enum KeyCmd {
 }
 
 #[derive(Debug, Args)]
-struct ApiArgs {
+pub(crate) struct ApiArgs {
     /// Address of the node's HTTP API.
     #[arg(long = "api", env = "SERVANT_API", default_value = DEFAULT_API_ADDR, value_name = "ADDR")]
     api: SocketAddr,
@@ -148,7 +191,7 @@ struct ApiArgs {
     api_token: Option<String>,
     /// Print the API's JSON instead of a human view.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// Parses the command line and runs it; the binary's whole `main`.
@@ -242,6 +285,15 @@ fn run(cmd: RunCmd) -> ExitCode {
         }
     };
     let code = runtime.block_on(async {
+        // Listen for signals before starting, so a SIGTERM during start-up still
+        // means a clean stop (once started) rather than the default instant death.
+        let signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("servant: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let node = match Node::start(config).await {
             Ok(node) => node,
             Err(e) => {
@@ -251,7 +303,7 @@ fn run(cmd: RunCmd) -> ExitCode {
             }
         };
         print_banner(&node);
-        node.run_until(shutdown_signal()).await;
+        node.run_until(signals.wait()).await;
         ExitCode::SUCCESS
     });
     runtime.shutdown_timeout(Duration::from_millis(500));
@@ -275,28 +327,29 @@ fn print_banner(node: &Node) {
     let _ = out.flush();
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
+/// SIGINT and SIGTERM, registered with the kernel as soon as this exists.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// Completes on the first of either (also one that arrived before the call).
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
         }
+        tracing::info!("signal received");
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    tracing::info!("signal received");
 }
 
 fn id(cmd: IdCmd) -> ExitCode {
@@ -362,17 +415,17 @@ fn key_generate(out: PathBuf, json: bool) -> ExitCode {
 // ------------------------------------------------------------------ API client
 
 /// Talks to a node's HTTP API.
-struct ApiClient {
+pub(crate) struct ApiClient {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
 }
 
 /// A client call that failed; printed as `servant: <message>`, exit 1.
-struct ClientError(String);
+pub(crate) struct ClientError(pub(crate) String);
 
 impl ApiClient {
-    fn new(args: &ApiArgs) -> Result<ApiClient, ClientError> {
+    pub(crate) fn new(args: &ApiArgs) -> Result<ApiClient, ClientError> {
         // A node bound to 0.0.0.0 is reached on loopback from the same host.
         let mut addr = args.api;
         if addr.ip().is_unspecified() {
@@ -401,7 +454,7 @@ impl ApiClient {
         })
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
@@ -409,7 +462,10 @@ impl ApiClient {
         req
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+    pub(crate) async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
         let response = req.send().await.map_err(|e| {
             if e.is_connect() {
                 ClientError(format!(
@@ -432,12 +488,15 @@ impl ApiClient {
         Err(ClientError(format!("{message} (HTTP {status})")))
     }
 
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<(T, String), ClientError> {
+    pub(crate) async fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<(T, String), ClientError> {
         let response = self.send(self.request(reqwest::Method::GET, path)).await?;
         decode(response).await
     }
 
-    async fn post<B: Serialize, T: DeserializeOwned>(
+    pub(crate) async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
         body: &B,
@@ -577,6 +636,21 @@ async fn client_run(cmd: Cmd) -> Result<(), ClientError> {
             }
         }
         Cmd::Subscribe { topic, api } => subscribe(&api, &topic).await?,
+        Cmd::Share { path, api } => cli_files::share(&api, &path).await?,
+        Cmd::Shares(api) => cli_files::shares(&api).await?,
+        Cmd::Unshare { id, api } => cli_files::unshare(&api, &id).await?,
+        Cmd::Fetch {
+            id,
+            out,
+            force,
+            api,
+        } => cli_files::fetch(&api, &id, out, force).await?,
+        Cmd::Search {
+            term,
+            ttl,
+            timeout,
+            api,
+        } => cli_files::search(&api, &term, ttl, timeout.get()).await?,
         Cmd::Run(_) | Cmd::Id(_) | Cmd::Key { .. } => {}
     }
     Ok(())
@@ -591,27 +665,42 @@ async fn subscribe(api: &ApiArgs, topic: &str) -> Result<(), ClientError> {
                 .query(&[("topic", topic)]),
         )
         .await?;
+    let mut stdout = std::io::stdout();
+    for_each_line(response, "subscription", |line| {
+        if line.starts_with(b"{\"lagged\"") {
+            eprintln!(
+                "servant: too slow to keep up; skipped messages: {}",
+                String::from_utf8_lossy(line).trim()
+            );
+            return Ok(());
+        }
+        // Each line is printed as it arrives, so a pipe sees it at once.
+        let _ = stdout.write_all(line);
+        let _ = stdout.flush();
+        Ok(())
+    })
+    .await?;
+    Err(ClientError("the node closed the subscription".into()))
+}
+
+/// Calls `each` with every line (newline included) of a streamed JSON-lines
+/// response, as it arrives; returns when the stream ends.
+pub(crate) async fn for_each_line(
+    response: reqwest::Response,
+    what: &str,
+    mut each: impl FnMut(&[u8]) -> Result<(), ClientError>,
+) -> Result<(), ClientError> {
     let mut stream = response.bytes_stream();
     let mut buffer: Vec<u8> = Vec::new();
-    let mut stdout = std::io::stdout();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ClientError(format!("subscription ended: {e}")))?;
+        let chunk = chunk.map_err(|e| ClientError(format!("{what} ended: {e}")))?;
         buffer.extend_from_slice(&chunk);
         while let Some(pos) = buffer.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buffer.drain(..=pos).collect();
-            if line.starts_with(b"{\"lagged\"") {
-                eprintln!(
-                    "servant: too slow to keep up; skipped messages: {}",
-                    String::from_utf8_lossy(&line).trim()
-                );
-                continue;
-            }
-            // Each line is printed as it arrives, so a pipe sees it at once.
-            let _ = stdout.write_all(&line);
-            let _ = stdout.flush();
+            each(&line)?;
         }
     }
-    Err(ClientError("the node closed the subscription".into()))
+    Ok(())
 }
 
 fn print_status(s: &Status) {

@@ -10,6 +10,8 @@ use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use servant_protocol::{file, manifest::ContentId, search::Hit};
+
 use crate::{
     broadcast::{BroadcastError, Delivery},
     deny::BanTarget,
@@ -67,6 +69,64 @@ pub enum Command {
         /// A receiver of deliveries; the topic is left when every receiver is gone.
         reply: oneshot::Sender<Result<broadcast::Receiver<Arc<Delivery>>, CommandError>>,
     },
+    /// Send a file-protocol request to a peer, dialing it if needed.
+    FileRequest {
+        /// The provider.
+        peer: PeerId,
+        /// What to ask.
+        request: file::Request,
+        /// Its answer, or why there is none.
+        reply: oneshot::Sender<Result<file::Response, String>>,
+    },
+    /// Look up who provides a content id: Kademlia provider records, then connected
+    /// peers as candidates.
+    FindProviders {
+        /// The content.
+        id: ContentId,
+        /// Answered when the lookup ends or has run long enough.
+        reply: oneshot::Sender<Providers>,
+    },
+    /// Announce this node as a provider of `id` (after a share or a complete fetch).
+    Provide {
+        /// The content.
+        id: ContentId,
+        /// Answered once the announcement is recorded, so a caller that saw the
+        /// reply sees the node providing.
+        reply: oneshot::Sender<()>,
+    },
+    /// Stop announcing `id` (unshare or eviction).
+    Unprovide {
+        /// The content.
+        id: ContentId,
+        /// Answered once the record is withdrawn.
+        reply: oneshot::Sender<()>,
+    },
+    /// A peer misbehaved (a corrupt chunk, a manifest that does not hash to its id).
+    Penalize {
+        /// The peer.
+        peer: PeerId,
+        /// A fixed reason, also the metric label.
+        reason: &'static str,
+    },
+    /// Start a search; hits arrive on the returned receiver until it is dropped.
+    Search {
+        /// What to look for.
+        term: String,
+        /// How many hops the query may travel.
+        ttl: u8,
+        /// The hits as they arrive.
+        reply: oneshot::Sender<Result<mpsc::Receiver<Hit>, CommandError>>,
+    },
+}
+
+/// Who may have a content: peers with a provider record, and other connected peers
+/// worth asking.
+#[derive(Debug, Clone, Default)]
+pub struct Providers {
+    /// Peers that announced the content in the DHT.
+    pub recorded: Vec<PeerId>,
+    /// Connected peers not in `recorded`.
+    pub connected: Vec<PeerId>,
 }
 
 /// Why a command failed. The HTTP API maps each variant to a status code.
@@ -100,9 +160,10 @@ impl From<BroadcastError> for CommandError {
     fn from(e: BroadcastError) -> Self {
         match e {
             BroadcastError::NoPeers(_) => CommandError::NoPeers(e.to_string()),
-            BroadcastError::Topic(_) | BroadcastError::Envelope(_) => {
-                CommandError::Invalid(e.to_string())
-            }
+            BroadcastError::Topic(_)
+            | BroadcastError::Envelope(_)
+            | BroadcastError::TooManyTopics
+            | BroadcastError::Duplicate => CommandError::Invalid(e.to_string()),
             other => CommandError::Broadcast(other.to_string()),
         }
     }
@@ -328,6 +389,51 @@ impl Client {
         topic: String,
     ) -> Result<broadcast::Receiver<Arc<Delivery>>, CommandError> {
         self.ask(|reply| Command::Subscribe { topic, reply })
+            .await?
+    }
+
+    /// Sends a file request to `peer` and waits for the answer.
+    pub async fn file_request(
+        &self,
+        peer: PeerId,
+        request: file::Request,
+    ) -> Result<file::Response, String> {
+        match self
+            .ask(|reply| Command::FileRequest {
+                peer,
+                request,
+                reply,
+            })
+            .await
+        {
+            Ok(answer) => answer,
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Finds providers of `id`.
+    pub async fn find_providers(&self, id: ContentId) -> Result<Providers, CommandError> {
+        self.ask(|reply| Command::FindProviders { id, reply }).await
+    }
+
+    /// Announces this node as a provider of `id`.
+    pub async fn provide(&self, id: ContentId) -> Result<(), CommandError> {
+        self.ask(|reply| Command::Provide { id, reply }).await
+    }
+
+    /// Stops announcing `id`.
+    pub async fn unprovide(&self, id: ContentId) -> Result<(), CommandError> {
+        self.ask(|reply| Command::Unprovide { id, reply }).await
+    }
+
+    /// Reports a misbehaving peer.
+    pub async fn penalize(&self, peer: PeerId, reason: &'static str) {
+        let _ = self.tx.send(Command::Penalize { peer, reason }).await;
+    }
+
+    /// Starts a search.
+    pub async fn search(&self, term: String, ttl: u8) -> Result<mpsc::Receiver<Hit>, CommandError> {
+        self.ask(|reply| Command::Search { term, ttl, reply })
             .await?
     }
 }

@@ -75,6 +75,30 @@ pub struct Config {
     pub bootstrap_interval: HumanDuration,
     /// How many peers to remember in the data dir for the next start.
     pub known_peers_max: u32,
+    /// Most bytes of fetched content the store keeps; shared content is pinned and not
+    /// counted against eviction (it is never evicted).
+    pub store_quota: ByteSize,
+    /// Chunk size of new shares.
+    pub chunk_size: ByteSize,
+    /// Chunk and manifest requests served to one peer at once; more get "busy".
+    pub serve_concurrency_per_peer: u32,
+    /// Bytes per second served to one peer; 0 means no limit.
+    pub serve_rate_per_peer: ByteSize,
+    /// Most chunk requests in flight to one provider during a fetch.
+    pub fetch_window_per_provider: u32,
+    /// Search queries accepted from one peer per minute; more are dropped.
+    pub search_rate_per_peer: u32,
+    /// How often this node re-announces itself as provider of what it has.
+    pub reprovide_interval: HumanDuration,
+    /// `auto` follows reachability (public: super-peer, private: peer); `super` and
+    /// `peer` force a role.
+    pub role: crate::role::RoleSetting,
+    /// What a super-peer's relay allows: `signaling` (libp2p's defaults, 2 minutes and
+    /// 128 KiB per circuit: enough to hole-punch) or `data` (longer, larger circuits,
+    /// for peers that cannot hole-punch).
+    pub relay_profile: RelayProfile,
+    /// How often reachability is probed again from scratch.
+    pub reach_probe_interval: HumanDuration,
     /// Log filter: a level (`info`) or tracing directives (`info,libp2p_gossipsub=debug`).
     /// `RUST_LOG`, when set, is used if neither the flag nor `SERVANT_LOG_LEVEL` is.
     pub log_level: String,
@@ -104,8 +128,51 @@ impl Default for Config {
             max_clock_skew: HumanDuration(Duration::from_secs(30)),
             bootstrap_interval: HumanDuration(Duration::from_secs(300)),
             known_peers_max: 256,
+            store_quota: ByteSize(10 * 1024 * 1024 * 1024),
+            chunk_size: ByteSize(u64::from(servant_protocol::manifest::DEFAULT_CHUNK_SIZE)),
+            serve_concurrency_per_peer: 16,
+            serve_rate_per_peer: ByteSize(0),
+            fetch_window_per_provider: 16,
+            search_rate_per_peer: 60,
+            reprovide_interval: HumanDuration(Duration::from_secs(3600)),
+            role: crate::role::RoleSetting::Auto,
+            relay_profile: RelayProfile::Signaling,
+            reach_probe_interval: HumanDuration(Duration::from_secs(600)),
             log_level: "info".to_string(),
             log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// What a super-peer's relay lets through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayProfile {
+    /// Enough to coordinate a hole punch: libp2p's defaults.
+    Signaling,
+    /// Whole transfers for peers that cannot hole-punch (symmetric NATs).
+    Data,
+}
+
+/// Circuits a data-profile relay carries at once.
+pub const DATA_RELAY_MAX_CIRCUITS: usize = 64;
+/// How long a data-profile circuit may last.
+pub const DATA_RELAY_CIRCUIT_DURATION: Duration = Duration::from_secs(3600);
+/// Bytes a data-profile circuit may carry (each direction).
+pub const DATA_RELAY_CIRCUIT_BYTES: u64 = 1 << 30;
+
+impl RelayProfile {
+    /// The relay server's limits for this profile.
+    pub fn relay_config(self) -> libp2p::relay::Config {
+        let signaling = libp2p::relay::Config::default();
+        match self {
+            RelayProfile::Signaling => signaling,
+            RelayProfile::Data => libp2p::relay::Config {
+                max_circuits: DATA_RELAY_MAX_CIRCUITS,
+                max_circuit_duration: DATA_RELAY_CIRCUIT_DURATION,
+                max_circuit_bytes: DATA_RELAY_CIRCUIT_BYTES,
+                ..signaling
+            },
         }
     }
 }
@@ -156,6 +223,83 @@ impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
         text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A size in bytes, written plainly (`1048576`) or with a unit (`512KiB`, `10 GiB`,
+/// `1MB`); binary units are powers of 1024, decimal ones powers of 1000.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// The size in bytes.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        let hint = "write a size such as 1048576, 512KiB, 64MiB or 10GiB";
+        let number: u64 = number.parse().map_err(|_| format!("not a size ({hint})"))?;
+        let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "m" | "mib" => 1 << 20,
+            "g" | "gib" => 1 << 30,
+            "t" | "tib" => 1 << 40,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "tb" => 1_000_000_000_000,
+            other => return Err(format!("unknown unit `{other}` ({hint})")),
+        };
+        number
+            .checked_mul(factor)
+            .map(ByteSize)
+            .ok_or_else(|| "too large".to_string())
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let units = [
+            (1u64 << 40, "TiB"),
+            (1 << 30, "GiB"),
+            (1 << 20, "MiB"),
+            (1 << 10, "KiB"),
+        ];
+        for (factor, unit) in units {
+            if self.0 >= factor && self.0.is_multiple_of(factor) {
+                return write!(f, "{}{unit}", self.0 / factor);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
     }
 }
 
@@ -288,6 +432,46 @@ pub struct RunArgs {
     #[arg(long, env = "SERVANT_KNOWN_PEERS_MAX", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub known_peers_max: Option<u32>,
+    /// Store quota for fetched content [default: 10GiB].
+    #[arg(long, env = "SERVANT_STORE_QUOTA", value_name = "SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_quota: Option<ByteSize>,
+    /// Chunk size of new shares [default: 1MiB].
+    #[arg(long, env = "SERVANT_CHUNK_SIZE", value_name = "SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunk_size: Option<ByteSize>,
+    /// File requests served to one peer at once [default: 16].
+    #[arg(long, env = "SERVANT_SERVE_CONCURRENCY_PER_PEER", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serve_concurrency_per_peer: Option<u32>,
+    /// Bytes per second served to one peer, 0 for no limit [default: 0].
+    #[arg(long, env = "SERVANT_SERVE_RATE_PER_PEER", value_name = "SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serve_rate_per_peer: Option<ByteSize>,
+    /// Chunk requests in flight per provider during a fetch [default: 16].
+    #[arg(long, env = "SERVANT_FETCH_WINDOW_PER_PROVIDER", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fetch_window_per_provider: Option<u32>,
+    /// Search queries accepted per peer per minute [default: 60].
+    #[arg(long, env = "SERVANT_SEARCH_RATE_PER_PEER", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search_rate_per_peer: Option<u32>,
+    /// Provider re-announcement period [default: 1h].
+    #[arg(long, env = "SERVANT_REPROVIDE_INTERVAL", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reprovide_interval: Option<HumanDuration>,
+    /// Role: auto (follow reachability), super or peer [default: auto].
+    #[arg(long, env = "SERVANT_ROLE", value_name = "ROLE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<crate::role::RoleSetting>,
+    /// Relay limits a super-peer offers: signaling or data [default: signaling].
+    #[arg(long, env = "SERVANT_RELAY_PROFILE", value_name = "PROFILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_profile: Option<RelayProfile>,
+    /// Period of reachability re-probes [default: 10m].
+    #[arg(long, env = "SERVANT_REACH_PROBE_INTERVAL", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reach_probe_interval: Option<HumanDuration>,
     /// Log filter (level or tracing directives) [default: info].
     #[arg(long, env = "SERVANT_LOG_LEVEL", value_name = "FILTER")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -389,6 +573,12 @@ impl Config {
             ("max_connections", self.max_connections),
             ("max_connections_per_peer", self.max_connections_per_peer),
             ("max_pending_connections", self.max_pending_connections),
+            (
+                "serve_concurrency_per_peer",
+                self.serve_concurrency_per_peer,
+            ),
+            ("fetch_window_per_provider", self.fetch_window_per_provider),
+            ("search_rate_per_peer", self.search_rate_per_peer),
         ];
         for (key, value) in counts {
             if value == 0 {
@@ -422,6 +612,8 @@ impl Config {
         let durations = [
             ("max_message_age", self.max_message_age, 1),
             ("bootstrap_interval", self.bootstrap_interval, 1),
+            ("reprovide_interval", self.reprovide_interval, 60),
+            ("reach_probe_interval", self.reach_probe_interval, 1),
         ];
         for (key, value, min_secs) in durations {
             if value.get() < Duration::from_secs(min_secs) {
@@ -437,6 +629,27 @@ impl Config {
                 "max_clock_skew",
                 self.max_clock_skew,
                 format!("must not exceed max_message_age ({})", self.max_message_age),
+            ));
+        }
+        use servant_protocol::manifest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+        if !(u64::from(MIN_CHUNK_SIZE)..=u64::from(MAX_CHUNK_SIZE)).contains(&self.chunk_size.get())
+        {
+            return Err(ConfigError::invalid(
+                "chunk_size",
+                self.chunk_size,
+                format!(
+                    "must be between {} and {}",
+                    ByteSize(MIN_CHUNK_SIZE.into()),
+                    ByteSize(MAX_CHUNK_SIZE.into())
+                ),
+            ));
+        }
+        let max_window = crate::files::MAX_OUTBOUND_PER_PEER;
+        if self.fetch_window_per_provider > max_window {
+            return Err(ConfigError::invalid(
+                "fetch_window_per_provider",
+                self.fetch_window_per_provider,
+                format!("must be at most {max_window} (requests in flight to one peer)"),
             ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
@@ -511,23 +724,11 @@ fn check_listen_addr(addr: &Multiaddr) -> Result<(), ConfigError> {
 }
 
 fn check_bootnode(addr: &Multiaddr) -> Result<(), ConfigError> {
-    let first = addr.iter().next();
-    let known_start = matches!(
-        first,
-        Some(
-            Protocol::Ip4(_)
-                | Protocol::Ip6(_)
-                | Protocol::Dns(_)
-                | Protocol::Dns4(_)
-                | Protocol::Dns6(_)
-                | Protocol::Dnsaddr(_)
-        )
-    );
-    if !known_start {
+    if !crate::addr::is_dialable(addr) {
         return Err(ConfigError::invalid(
             "bootnodes",
             addr,
-            "must start with /ip4, /ip6, /dns, /dns4, /dns6 or /dnsaddr",
+            "must start with /ip4, /ip6 (not 0.0.0.0 or ::), /dns, /dns4, /dns6 or /dnsaddr",
         ));
     }
     if !matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
@@ -746,5 +947,24 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("log_level"));
+    }
+
+    #[test]
+    fn byte_sizes_parse_and_print() {
+        assert_eq!("1048576".parse::<ByteSize>().unwrap(), ByteSize(1 << 20));
+        assert_eq!("512KiB".parse::<ByteSize>().unwrap(), ByteSize(512 << 10));
+        assert_eq!("10 GiB".parse::<ByteSize>().unwrap(), ByteSize(10 << 30));
+        assert_eq!("3MB".parse::<ByteSize>().unwrap(), ByteSize(3_000_000));
+        assert!("ten".parse::<ByteSize>().is_err());
+        assert!("5 parsecs".parse::<ByteSize>().is_err());
+        assert!("99999999999TiB".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(10 << 30).to_string(), "10GiB");
+        assert_eq!(ByteSize(1000).to_string(), "1000");
+        let config: Config = toml::from_str("store_quota = 4096\nchunk_size = \"64KiB\"").unwrap();
+        assert_eq!(config.store_quota, ByteSize(4096));
+        assert_eq!(config.chunk_size, ByteSize(64 << 10));
+        let bad: Config = toml::from_str("chunk_size = \"1KiB\"").unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("chunk_size") && err.contains("1KiB"), "{err}");
     }
 }

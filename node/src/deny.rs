@@ -19,11 +19,11 @@ use std::{
 
 use ipnet::IpNet;
 use libp2p::{
-    core::{transport::PortUse, Endpoint},
-    multiaddr::Protocol,
+    core::{transport::PortUse, ConnectedPoint, Endpoint},
     swarm::{
-        dummy, CloseConnection, ConnectionClosed, ConnectionDenied, ConnectionId, FromSwarm,
-        NetworkBehaviour, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+        behaviour::ConnectionEstablished, dummy, CloseConnection, ConnectionClosed,
+        ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
+        THandlerOutEvent, ToSwarm,
     },
     Multiaddr, PeerId,
 };
@@ -169,7 +169,7 @@ impl DenyList {
 
     /// Whether the address is in a denied range.
     pub fn denies_ip(&self, ip: IpAddr) -> bool {
-        let ip = canonical_ip(ip);
+        let ip = crate::addr::canonical_ip(ip);
         self.config
             .iter()
             .chain(self.runtime.iter())
@@ -182,33 +182,12 @@ impl DenyList {
                 return Err(Denied::Peer(*peer));
             }
         }
-        if let Some(ip) = addr.and_then(ip_of) {
+        if let Some(ip) = addr.and_then(crate::addr::ip_of) {
             if self.denies_ip(ip) {
                 return Err(Denied::Ip(ip));
             }
         }
         Ok(())
-    }
-}
-
-/// The IP of the first hop of an address (for a relayed address, the relay's).
-pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
-    addr.iter().find_map(|p| match p {
-        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-        Protocol::Ip6(ip) => Some(canonical_ip(IpAddr::V6(ip))),
-        _ => None,
-    })
-}
-
-/// IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`) are matched as the IPv4 address,
-/// so a dual-stack listener cannot be used to slip past an IPv4 ban.
-fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
     }
 }
 
@@ -296,14 +275,12 @@ impl NetworkBehaviour for Behaviour {
 
     fn handle_established_inbound_connection(
         &mut self,
-        connection_id: ConnectionId,
+        _: ConnectionId,
         peer: PeerId,
         _: &Multiaddr,
         remote_addr: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
         self.deny(Some(&peer), Some(remote_addr))?;
-        self.connections
-            .insert(connection_id, (peer, remote_addr.clone()));
         Ok(dummy::ConnectionHandler)
     }
 
@@ -320,20 +297,37 @@ impl NetworkBehaviour for Behaviour {
 
     fn handle_established_outbound_connection(
         &mut self,
-        connection_id: ConnectionId,
+        _: ConnectionId,
         peer: PeerId,
         addr: &Multiaddr,
         _: Endpoint,
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
         self.deny(Some(&peer), Some(addr))?;
-        self.connections.insert(connection_id, (peer, addr.clone()));
         Ok(dummy::ConnectionHandler)
     }
 
+    // Connections are tracked from the swarm's events, not from the `handle_*`
+    // callbacks: a behaviour after this one may still refuse a connection this one
+    // accepted, and such a connection is never reported closed.
     fn on_swarm_event(&mut self, event: FromSwarm) {
-        if let FromSwarm::ConnectionClosed(ConnectionClosed { connection_id, .. }) = event {
-            self.connections.remove(&connection_id);
+        match event {
+            FromSwarm::ConnectionEstablished(ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            }) => {
+                let addr = match endpoint {
+                    ConnectedPoint::Dialer { address, .. } => address.clone(),
+                    ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
+                };
+                self.connections.insert(connection_id, (peer_id, addr));
+            }
+            FromSwarm::ConnectionClosed(ConnectionClosed { connection_id, .. }) => {
+                self.connections.remove(&connection_id);
+            }
+            _ => {}
         }
     }
 
@@ -450,16 +444,36 @@ mod tests {
         let local: Multiaddr = "/ip4/127.0.0.1/tcp/2".parse().unwrap();
         let ca = ConnectionId::new_unchecked(1);
         let cb = ConnectionId::new_unchecked(2);
-        behaviour
-            .handle_established_inbound_connection(ca, a, &local, &addr_a)
-            .unwrap();
-        behaviour
-            .handle_established_inbound_connection(cb, b, &local, &addr_b)
-            .unwrap();
+        for (peer, id, addr) in [(a, ca, &addr_a), (b, cb, &addr_b)] {
+            behaviour
+                .handle_established_inbound_connection(id, peer, &local, addr)
+                .unwrap();
+            let endpoint = ConnectedPoint::Listener {
+                local_addr: local.clone(),
+                send_back_addr: addr.clone(),
+            };
+            behaviour.on_swarm_event(FromSwarm::ConnectionEstablished(ConnectionEstablished {
+                peer_id: peer,
+                connection_id: id,
+                endpoint: &endpoint,
+                failed_addresses: &[],
+                other_established: 0,
+            }));
+        }
         assert_eq!(behaviour.ban("10.0.0.0/24".parse().unwrap()), Some(1));
         assert_eq!(behaviour.to_close.pop_front(), Some((a, ca)));
         assert_eq!(behaviour.ban(BanTarget::Peer(b)), Some(1));
         assert_eq!(behaviour.to_close.pop_front(), Some((b, cb)));
+        // A connection refused after this behaviour accepted it leaves no trace.
+        let refused = ConnectionId::new_unchecked(9);
+        behaviour
+            .handle_established_inbound_connection(refused, PeerId::random(), &local, &addr_b)
+            .unwrap();
+        assert_eq!(
+            behaviour.connections.len(),
+            0,
+            "only reported connections are tracked"
+        );
         // New connections from either are refused.
         assert!(behaviour
             .handle_pending_inbound_connection(ConnectionId::new_unchecked(3), &local, &addr_a)

@@ -8,7 +8,8 @@
 use std::{
     collections::HashMap,
     future::Future,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt;
@@ -39,9 +40,13 @@ use crate::{
     config::Config,
     datadir::DataDir,
     deny::{self, BanTarget},
-    known_peers::KnownPeers,
+    files::{Files, Served},
+    known_peers::{KnownPeers, Persister},
     metrics::{ConnectionLabel, DialLabel, Metrics, ReasonLabel, RejectLabel, TopicLabel},
     peer_manager::{Candidate, PeerManager, Source},
+    reach::ProbeReport,
+    store::Store,
+    traversal::Traversal,
 };
 
 /// How often the watermarks are checked and gauges refreshed.
@@ -49,6 +54,15 @@ const TICK: Duration = Duration::from_secs(2);
 /// Known peers are written at most this often while they change (and at shutdown),
 /// so a node killed without warning still finds its network at the next start.
 const SAVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Most peers remembered as wanted (see `EventLoop::wanted`); bounded by the dial
+/// budget in practice, capped in case dials keep being pre-empted.
+const MAX_WANTED: usize = 256;
+/// Addresses taken from one identify message; the rest are ignored.
+const MAX_ADDRS_PER_PEER: usize = 8;
+/// A second connection to a peer is judged a duplicate only once it has lived this
+/// long: one the remote is about to refuse (it dialed another PeerId at this
+/// address, say) must not cost us the working connection.
+const DUPLICATE_GRACE: Duration = Duration::from_secs(2);
 /// How long shutdown waits for connections to close before giving up on them.
 const CLOSE_GRACE: Duration = Duration::from_millis(1500);
 
@@ -68,6 +82,7 @@ struct ConnInfo {
     outbound: bool,
     /// Dialed on purpose (peer manager, bootnode, API), not by a DHT lookup.
     chosen: bool,
+    since: Instant,
 }
 
 struct PeerState {
@@ -91,14 +106,22 @@ pub struct EventLoop {
     known: KnownPeers,
     peers: HashMap<PeerId, PeerState>,
     pending_connects: HashMap<ConnectionId, oneshot::Sender<Result<ConnectOutcome, CommandError>>>,
+    /// Peers the peer manager meant to dial while another dial to them was already
+    /// under way; their next connection counts as ours.
+    wanted: std::collections::HashSet<PeerId>,
     dial_sources: HashMap<ConnectionId, (Option<PeerId>, Source)>,
     health: watch::Sender<Health>,
     started: Instant,
     bootstrapped: bool,
     first_node: bool,
     last_save: Instant,
+    persister: Persister,
     listeners: Vec<ListenerId>,
     local: PeerId,
+    files: Files,
+    served: mpsc::UnboundedReceiver<Served>,
+    traversal: Traversal,
+    probe_reports: mpsc::UnboundedReceiver<ProbeReport>,
 }
 
 /// The parts [`EventLoop::new`] needs.
@@ -115,6 +138,8 @@ pub struct Parts {
     pub libp2p_metrics: libp2p::metrics::Metrics,
     /// Where health snapshots go.
     pub health: watch::Sender<Health>,
+    /// The content store.
+    pub store: Arc<Store>,
 }
 
 /// Listening failed on every configured address.
@@ -133,6 +158,7 @@ impl EventLoop {
             metrics,
             libp2p_metrics,
             health,
+            store,
         } = parts;
         let local = *swarm.local_peer_id();
         let known = KnownPeers::load(
@@ -151,7 +177,13 @@ impl EventLoop {
                 tracing::error!(topic, error = %e, "cannot join configured topic");
             }
         }
-        let bootnodes = config.bootnode_peers();
+        // A fleet sharing one config lists every bootnode, this one included.
+        let bootnodes: Vec<(PeerId, Multiaddr)> = config
+            .bootnode_peers()
+            .into_iter()
+            .filter(|(peer, _)| *peer != local)
+            .collect();
+        let first_node = bootnodes.is_empty();
         for (peer, addr) in &bootnodes {
             swarm.behaviour_mut().kad.add_address(peer, addr.clone());
         }
@@ -181,15 +213,24 @@ impl EventLoop {
             return Err(ListenFailed(errors.join("; ")));
         }
         metrics.known_peers.set(known.len() as i64);
+        let (mut files, served) = Files::new(store, local, config, metrics.files.clone());
+        files.provide_all(&mut swarm);
+        let (traversal, probe_reports) =
+            Traversal::new(&mut swarm, config, metrics.nat.clone(), first_node);
         Ok(EventLoop {
+            files,
+            served,
+            traversal,
+            probe_reports,
             peer_manager: PeerManager::new(
                 config.conn_low as usize,
                 config.conn_high as usize,
                 bootnodes,
             ),
-            first_node: config.bootnodes.is_empty(),
+            first_node,
             // Due at once: the first peers learned are saved within a tick.
             last_save: Instant::now() - SAVE_INTERVAL,
+            persister: Persister::spawn(data_dir.known_peers_path()),
             listeners,
             swarm,
             commands,
@@ -200,6 +241,7 @@ impl EventLoop {
             known,
             peers: HashMap::new(),
             pending_connects: HashMap::new(),
+            wanted: std::collections::HashSet::new(),
             dial_sources: HashMap::new(),
             health,
             started: Instant::now(),
@@ -246,7 +288,7 @@ impl EventLoop {
         let mut addrs: Vec<Multiaddr> = self
             .swarm
             .listeners()
-            .filter(|a| !is_link_local(a))
+            .filter(|a| !crate::addr::is_link_local(a))
             .map(|a| a.clone().with(Protocol::P2p(self.local)))
             .collect();
         addrs.sort_by_key(|a| {
@@ -273,6 +315,10 @@ impl EventLoop {
                     Some(command) => self.on_command(command),
                     None => break,
                 },
+                Some(served) = self.served.recv() => self.files.on_served(&mut self.swarm, served),
+                Some(report) = self.probe_reports.recv() => {
+                    self.traversal.on_report(&mut self.swarm, report)
+                }
                 _ = tick.tick() => self.on_tick(),
                 _ = &mut shutdown => break,
             }
@@ -285,7 +331,7 @@ impl EventLoop {
         for id in std::mem::take(&mut self.listeners) {
             self.swarm.remove_listener(id);
         }
-        self.save_state();
+        self.save_bans();
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in peers {
             let _ = self.swarm.disconnect_peer_id(peer);
@@ -301,27 +347,32 @@ impl EventLoop {
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        self.known_save();
+        // The last word on known peers is written here, after any write the writer
+        // task still had in hand.
+        let persister = std::mem::replace(&mut self.persister, Persister::inert());
+        persister.finish().await;
+        if let Err(e) = self.known.save() {
+            tracing::warn!(error = %e, "cannot save known peers");
+        }
         tracing::info!("stopped");
     }
 
-    fn save_state(&mut self) {
-        self.known_save();
-        if let Err(e) = self
-            .swarm
-            .behaviour()
-            .deny
-            .list()
-            .save(&self.data_dir.bans_path())
-        {
-            tracing::error!(error = %e, "cannot save bans");
+    /// Writes the runtime bans before the operator's command returns: a ban must
+    /// outlive a crash right after it. Bans are rare, so the write can wait here.
+    fn save_bans(&self) {
+        let path = self.data_dir.bans_path();
+        if let Err(e) = self.swarm.behaviour().deny.list().save(&path) {
+            tracing::error!(error = %e, path = %path.display(), "cannot save bans; they hold until the node stops");
         }
     }
 
+    /// Hands the known peers to the writer task, off this loop (the write fsyncs).
     fn known_save(&mut self) {
         self.last_save = Instant::now();
-        if let Err(e) = self.known.save() {
-            tracing::warn!(error = %e, "cannot save known peers");
+        match self.known.snapshot() {
+            Ok(Some(bytes)) => self.persister.save(bytes),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot encode known peers"),
         }
     }
 
@@ -334,6 +385,25 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => self.on_ping(e),
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.on_gossipsub(e),
+            SwarmEvent::Behaviour(BehaviourEvent::File(e)) => {
+                self.files.on_file_event(&mut self.swarm, e)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Search(e)) => {
+                self.files.on_search_event(&mut self.swarm, e)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(e)) => self.traversal.on_autonat(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => {
+                self.libp2p_metrics.record(&e);
+                self.traversal.on_relay(e)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => {
+                self.traversal.on_relay_client(e)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => {
+                self.libp2p_metrics.record(&e);
+                self.traversal.on_dcutr(e)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Stream(())) => {}
             SwarmEvent::Behaviour(BehaviourEvent::Deny(never)) => match never {},
             SwarmEvent::Behaviour(BehaviourEvent::Limits(never)) => match never {},
             SwarmEvent::Behaviour(BehaviourEvent::KeepAlive(never)) => match never {},
@@ -361,7 +431,11 @@ impl EventLoop {
                 send_back_addr,
                 ..
             } => self.on_incoming_error(error, send_back_addr),
-            SwarmEvent::NewListenAddr { address, .. } => {
+            SwarmEvent::NewListenAddr {
+                address,
+                listener_id,
+            } => {
+                self.traversal.on_new_listen_addr(listener_id, &address);
                 tracing::info!(address = %address.with(Protocol::P2p(self.local)), "listening");
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
@@ -371,9 +445,24 @@ impl EventLoop {
                 tracing::warn!(%error, "listener error");
             }
             SwarmEvent::ListenerClosed {
-                addresses, reason, ..
+                addresses,
+                reason,
+                listener_id,
             } => {
-                tracing::warn!(?addresses, ?reason, "listener closed");
+                let why = match &reason {
+                    Ok(()) => "closed".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                self.traversal
+                    .on_listener_closed(&mut self.swarm, listener_id, &why);
+                if !self.listeners.contains(&listener_id) {
+                    tracing::debug!(?addresses, reason = %why, "relay listener closed");
+                } else {
+                    tracing::warn!(?addresses, reason = %why, "listener closed");
+                }
+            }
+            SwarmEvent::NewExternalAddrCandidate { address } => {
+                self.traversal.on_external_candidate(&address);
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 tracing::info!(%address, "external address confirmed");
@@ -394,6 +483,20 @@ impl EventLoop {
             ConnectedPoint::Dialer { address, .. } => (address.clone(), true),
             ConnectedPoint::Listener { send_back_addr, .. } => (send_back_addr.clone(), false),
         };
+        let dialed_by_us = self.dial_sources.remove(&connection_id).is_some();
+        // A peer we set out to dial may be reached first by someone else's dial (a
+        // Kademlia query to the same peer): that connection is the one we wanted.
+        let wanted = self.wanted.remove(&peer);
+        if wanted && !dialed_by_us {
+            self.swarm
+                .behaviour_mut()
+                .keep_alive
+                .hold(peer, connection_id);
+        }
+        let chosen = dialed_by_us || wanted;
+        // Remembered for the next start: peers this node reached at an address it
+        // dialed itself. Anyone can connect to us and claim addresses; an inbound
+        // peer is not taken at its word.
         if outbound {
             self.known.record(peer, [addr.clone()]);
         }
@@ -403,27 +506,28 @@ impl EventLoop {
             .inc();
         let state = self.peers.entry(peer).or_insert_with(|| PeerState {
             connections: HashMap::new(),
-            since_unix: unix_secs(),
+            since_unix: crate::clock::unix_secs(),
             since: now,
             agent: None,
             protocol_version: None,
             rtt: None,
         });
-        let chosen = self.dial_sources.remove(&connection_id).is_some();
         state.connections.insert(
             connection_id,
             ConnInfo {
                 addr: addr.clone(),
                 outbound,
                 chosen,
+                since: now,
             },
         );
         if num_established == 1 {
             self.peer_manager.on_connected(peer, now);
+            self.traversal.on_established(peer, &addr, num_established);
             tracing::debug!(%peer, %addr, outbound, "connected");
-        } else {
-            self.close_duplicates(peer);
+            self.publish_health(None);
         }
+        // A second connection is judged on a later tick (see `DUPLICATE_GRACE`).
         if let Some(reply) = self.pending_connects.remove(&connection_id) {
             self.peer_manager.protect(peer);
             let _ = reply.send(Ok(ConnectOutcome {
@@ -458,11 +562,13 @@ impl EventLoop {
             .get_mut(&peer)
             .and_then(|state| state.connections.remove(&connection_id))
             .is_some_and(|c| c.chosen);
+        self.traversal.on_closed(peer, num_established);
         if num_established == 0 {
             self.peers.remove(&peer);
             self.peer_manager
                 .on_disconnected(peer, Instant::now(), chosen);
             tracing::debug!(%peer, cause = ?cause, "disconnected");
+            self.publish_health(None);
         }
         self.metrics
             .connected_peers
@@ -477,37 +583,53 @@ impl EventLoop {
         let Some(state) = self.peers.get(&peer) else {
             return;
         };
-        let direct: Vec<(ConnectionId, bool)> = state
+        let direct: Vec<(ConnectionId, bool, bool)> = state
             .connections
             .iter()
-            .filter(|(_, c)| !c.addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)))
-            .map(|(id, c)| (*id, c.outbound))
+            .filter(|(_, c)| !crate::addr::is_relayed(&c.addr))
+            .map(|(id, c)| (*id, c.outbound, c.chosen))
             .collect();
         if direct.len() < 2 {
             return;
         }
         let we_are_smaller = self.local < peer;
-        let preferred: Vec<(ConnectionId, bool)> = direct
+        let preferred: Vec<(ConnectionId, bool, bool)> = direct
             .iter()
             .copied()
-            .filter(|(_, outbound)| *outbound == we_are_smaller)
+            .filter(|(_, outbound, _)| *outbound == we_are_smaller)
             .collect();
         let keep = if preferred.is_empty() {
             direct.clone()
         } else {
             preferred
         };
-        let mut keep_ids: Vec<ConnectionId> = keep.iter().map(|(id, _)| *id).collect();
+        let mut keep_ids: Vec<ConnectionId> = keep.iter().map(|(id, _, _)| *id).collect();
         // When we dialed them all, we choose: the oldest (ids grow with time). When
         // the peer did, it chooses and closes the rest itself.
-        if keep.iter().all(|(_, outbound)| *outbound) {
+        if keep.iter().all(|(_, outbound, _)| *outbound) {
             keep_ids.sort();
             keep_ids.truncate(1);
         }
-        for (id, _) in direct {
+        let mut closed_a_chosen_one = false;
+        for (id, _, chosen) in direct {
             if !keep_ids.contains(&id) {
                 tracing::debug!(%peer, connection = ?id, "closing a duplicate connection");
                 self.swarm.close_connection(id);
+                closed_a_chosen_one |= chosen;
+            }
+        }
+        // The connection we chose is gone; the one kept inherits its standing, so a
+        // DHT lookup's connection that happened to win is held open too.
+        if closed_a_chosen_one {
+            for id in keep_ids {
+                self.swarm.behaviour_mut().keep_alive.hold(peer, id);
+                if let Some(c) = self
+                    .peers
+                    .get_mut(&peer)
+                    .and_then(|s| s.connections.get_mut(&id))
+                {
+                    c.chosen = true;
+                }
             }
         }
     }
@@ -532,11 +654,7 @@ impl EventLoop {
         if let DialError::Denied { cause } = &error {
             self.count_denied(cause);
         }
-        let Some(peer) = peer.or(source.and_then(|(p, _)| p)) else {
-            return;
-        };
-        let source = source.map(|(_, s)| s);
-        if let Some(source) = source {
+        if let Some((_, source)) = source {
             self.metrics
                 .dial_failures
                 .get_or_create(&DialLabel {
@@ -544,8 +662,18 @@ impl EventLoop {
                 })
                 .inc();
         }
+        let Some(peer) = peer.or(source.and_then(|(p, _)| p)) else {
+            return;
+        };
         // A dial to a connected peer (a second address, say) failing is no news.
         if self.swarm.is_connected(&peer) {
+            return;
+        }
+        // Someone else's dial to a peer we wanted failed: so did ours, in effect.
+        let wanted = self.wanted.remove(&peer);
+        // Other dials (Kademlia's queries) fail for their own reasons; the backoff
+        // and the bootnode warnings are about ours.
+        if source.is_none() && !wanted {
             return;
         }
         let retry = self.peer_manager.on_dial_failure(peer, Instant::now());
@@ -588,20 +716,49 @@ impl EventLoop {
         let identify::Event::Received { peer_id, info, .. } = event else {
             return;
         };
+        self.traversal.on_identify(&mut self.swarm, peer_id, &info);
         if let Some(state) = self.peers.get_mut(&peer_id) {
             state.agent = Some(info.agent_version.clone());
             state.protocol_version = Some(info.protocol_version.clone());
         }
-        let dialable: Vec<Multiaddr> = info.listen_addrs.into_iter().filter(is_dialable).collect();
+        // A peer chooses what it announces: keep a few dialable addresses, and let the
+        // routing table hold what it announced last, not everything it ever did.
+        let dialable: Vec<Multiaddr> = info
+            .listen_addrs
+            .into_iter()
+            .filter(crate::addr::is_dialable)
+            .take(MAX_ADDRS_PER_PEER)
+            .collect();
         // Only peers that speak our DHT go into the routing table; others (a
         // py-libp2p peer on a topic, say) stay connected but are not handed out.
-        if info.protocols.contains(&KAD_PROTOCOL) {
-            for addr in &dialable {
-                self.swarm
-                    .behaviour_mut()
-                    .kad
-                    .add_address(&peer_id, addr.clone());
-            }
+        if !info.protocols.contains(&KAD_PROTOCOL) || dialable.is_empty() {
+            return;
+        }
+        // Kademlia stores addresses with `/p2p/<id>` appended; identify's come without.
+        let announced: Vec<Multiaddr> = dialable
+            .iter()
+            .map(|a| crate::addr::without_p2p(a.clone()))
+            .collect();
+        let stale: Vec<Multiaddr> = self
+            .routing_addrs(&peer_id)
+            .into_iter()
+            .filter(|a| !announced.contains(&crate::addr::without_p2p(a.clone())))
+            .collect();
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        for addr in &dialable {
+            kad.add_address(&peer_id, addr.clone());
+        }
+        for addr in &stale {
+            kad.remove_address(&peer_id, addr);
+        }
+        // Its announced addresses are remembered only if this node reached it by
+        // dialing (see `on_established`): inbound strangers could otherwise crowd
+        // honest peers out of the list with fresh identities.
+        let dialed = self
+            .peers
+            .get(&peer_id)
+            .is_some_and(|s| s.connections.values().any(|c| c.outbound));
+        if dialed {
             self.known.record(peer_id, dialable);
         }
     }
@@ -613,6 +770,7 @@ impl EventLoop {
                 if let Some(state) = self.peers.get_mut(&event.peer) {
                     state.rtt = Some(rtt);
                 }
+                self.traversal.on_rtt(event.peer, rtt);
             }
             // A peer without ping is not dead; it just cannot be measured.
             Err(ping::Failure::Unsupported) => {}
@@ -626,6 +784,44 @@ impl EventLoop {
 
     fn on_kad(&mut self, event: kad::Event) {
         self.libp2p_metrics.record(&event);
+        let event = match event {
+            // Record filtering is on: provider records pushed by peers are stored
+            // here, into the capped part of the store; value records are dropped.
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::AddProvider {
+                        record: Some(mut record),
+                    },
+            } => {
+                use libp2p::kad::store::RecordStore;
+                // The sender chose these addresses: keep a few plausible ones.
+                record
+                    .addresses
+                    .retain(|a| crate::addr::is_dialable(a) && a.as_ref().len() <= 256);
+                record.addresses.truncate(MAX_ADDRS_PER_PEER);
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .store_mut()
+                    .add_provider(record)
+                {
+                    tracing::debug!(error = ?e, "provider record not stored");
+                }
+                return;
+            }
+            kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(result),
+                step,
+                ..
+            } => {
+                self.files
+                    .on_providers(&mut self.swarm, id, result, step.last);
+                return;
+            }
+            other => other,
+        };
         if let kad::Event::OutboundQueryProgressed {
             result: kad::QueryResult::Bootstrap(result),
             step,
@@ -639,6 +835,9 @@ impl EventLoop {
                     let reason = if self.peer_manager.connected_count() > 0 {
                         if !self.bootstrapped {
                             tracing::info!("bootstrapped into the DHT");
+                            // Announcements made while alone reached nobody; now
+                            // that the routing table has peers, make them again.
+                            self.files.provide_all(&mut self.swarm);
                         }
                         self.bootstrapped = true;
                         self.metrics.bootstrapped.set(1);
@@ -680,7 +879,7 @@ impl EventLoop {
                     .messages_received
                     .get_or_create(&TopicLabel { topic: label })
                     .inc();
-                let age = crate::broadcast::unix_ms().saturating_sub(delivery.envelope.time);
+                let age = crate::clock::unix_ms().saturating_sub(delivery.envelope.time);
                 self.metrics.message_latency.observe(age as f64 / 1000.0);
                 (gossipsub::MessageAcceptance::Accept, None)
             }
@@ -716,6 +915,23 @@ impl EventLoop {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        self.files.on_tick(&mut self.swarm);
+        self.traversal.tick(&mut self.swarm, now);
+        let duplicated: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, state)| {
+                state.connections.len() > 1
+                    && state
+                        .connections
+                        .values()
+                        .all(|c| now.duration_since(c.since) >= DUPLICATE_GRACE)
+            })
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in duplicated {
+            self.close_duplicates(peer);
+        }
         self.broadcast
             .leave_idle(&mut self.swarm.behaviour_mut().gossipsub, now);
         let candidates = self.candidates();
@@ -756,10 +972,18 @@ impl EventLoop {
             .routing_table_peers
             .set(routing_table_size as i64);
         self.metrics.known_peers.set(self.known.len() as i64);
+        self.publish_health(Some(now));
+    }
+
+    /// Publishes readiness for `/readyz`; `tick` is set when the loop ticked (the
+    /// liveness signal), otherwise the last tick time is kept. Called on every tick
+    /// and whenever a connection opens or closes, so probes see a change at once.
+    fn publish_health(&mut self, tick: Option<Instant>) {
         let (ready, reason) = self.readiness();
         self.metrics.ready.set(i64::from(ready));
+        let last_tick = tick.unwrap_or_else(|| self.health.borrow().last_tick);
         self.health.send_replace(Health {
-            last_tick: now,
+            last_tick,
             ready,
             not_ready_reason: reason,
         });
@@ -826,24 +1050,51 @@ impl EventLoop {
             .addresses(addrs)
             .condition(PeerCondition::DisconnectedAndNotDialing)
             .build();
-        let connection_id = opts.connection_id();
-        self.metrics
-            .dials
-            .get_or_create(&DialLabel {
-                purpose: source.label(),
-            })
-            .inc();
-        self.swarm.behaviour_mut().keep_alive.manage(connection_id);
-        match self.swarm.dial(opts) {
-            Ok(()) => {
+        match self.start_dial(opts, Some(peer), source) {
+            Ok(_) => self.peer_manager.on_dialing(peer, Instant::now()),
+            Err(DialError::DialPeerConditionFalse(_)) => {
+                // Someone else is dialing it already; its connection will do.
+                if self.wanted.len() < MAX_WANTED {
+                    self.wanted.insert(peer);
+                }
                 self.peer_manager.on_dialing(peer, Instant::now());
-                self.dial_sources
-                    .insert(connection_id, (Some(peer), source));
             }
-            Err(DialError::DialPeerConditionFalse(_)) => {}
             Err(e) => {
                 self.peer_manager.on_dial_failure(peer, Instant::now());
                 tracing::debug!(%peer, error = %e, "dial not started");
+            }
+        }
+    }
+
+    /// Every deliberate dial goes through here: counted by purpose, its connection
+    /// held open once established, its failures counted whether they come at once
+    /// or later (see `on_dial_error`).
+    fn start_dial(
+        &mut self,
+        opts: DialOpts,
+        peer: Option<PeerId>,
+        source: Source,
+    ) -> Result<ConnectionId, DialError> {
+        let connection_id = opts.connection_id();
+        let label = DialLabel {
+            purpose: source.label(),
+        };
+        self.swarm.behaviour_mut().keep_alive.manage(connection_id);
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.metrics.dials.get_or_create(&label).inc();
+                self.dial_sources.insert(connection_id, (peer, source));
+                Ok(connection_id)
+            }
+            Err(e) => {
+                if !matches!(e, DialError::DialPeerConditionFalse(_)) {
+                    self.metrics.dials.get_or_create(&label).inc();
+                    self.metrics.dial_failures.get_or_create(&label).inc();
+                }
+                if let DialError::Denied { cause } = &e {
+                    self.count_denied(cause);
+                }
+                Err(e)
             }
         }
     }
@@ -908,6 +1159,28 @@ impl EventLoop {
                     .map_err(CommandError::from);
                 let _ = reply.send(result);
             }
+            Command::FileRequest {
+                peer,
+                request,
+                reply,
+            } => self.files.request(&mut self.swarm, peer, request, reply),
+            Command::FindProviders { id, reply } => {
+                self.files.find_providers(&mut self.swarm, id, reply)
+            }
+            Command::Provide { id, reply } => {
+                self.files.provide(&mut self.swarm, id);
+                let _ = reply.send(());
+            }
+            Command::Unprovide { id, reply } => {
+                self.files.unprovide(&mut self.swarm, id);
+                let _ = reply.send(());
+            }
+            Command::Penalize { peer, reason } => {
+                self.files.penalize(&mut self.swarm, peer, reason)
+            }
+            Command::Search { term, ttl, reply } => {
+                let _ = reply.send(self.files.search(&mut self.swarm, term, ttl));
+            }
         }
     }
 
@@ -963,17 +1236,8 @@ impl EventLoop {
                 return;
             }
         }
-        let connection_id = opts.connection_id();
-        self.metrics
-            .dials
-            .get_or_create(&DialLabel {
-                purpose: Source::Api.label(),
-            })
-            .inc();
-        self.swarm.behaviour_mut().keep_alive.manage(connection_id);
-        match self.swarm.dial(opts) {
-            Ok(()) => {
-                self.dial_sources.insert(connection_id, (peer, Source::Api));
+        match self.start_dial(opts, peer, Source::Api) {
+            Ok(connection_id) => {
                 self.pending_connects.insert(connection_id, reply);
             }
             Err(DialError::NoAddresses) => {
@@ -1009,15 +1273,7 @@ impl EventLoop {
             self.known.remove(&peer);
             self.peer_manager.forget(&peer);
         }
-        if let Err(e) = self
-            .swarm
-            .behaviour()
-            .deny
-            .list()
-            .save(&self.data_dir.bans_path())
-        {
-            tracing::error!(error = %e, "cannot save bans; the ban holds until restart only");
-        }
+        self.save_bans();
         tracing::info!(%target, closed = result.unwrap_or(0), "banned");
         BanOutcome {
             target: target.to_string(),
@@ -1035,15 +1291,7 @@ impl EventLoop {
         if let BanTarget::Peer(peer) = target {
             behaviour.gossipsub.remove_blacklisted_peer(&peer);
         }
-        if let Err(e) = self
-            .swarm
-            .behaviour()
-            .deny
-            .list()
-            .save(&self.data_dir.bans_path())
-        {
-            tracing::error!(error = %e, "cannot save bans");
-        }
+        self.save_bans();
         tracing::info!(%target, changed, "unbanned");
         Ok(BanOutcome {
             target: target.to_string(),
@@ -1083,8 +1331,8 @@ impl EventLoop {
                 .external_addresses()
                 .map(|a| a.to_string())
                 .collect(),
-            role: "undecided".into(),
-            reachability: "unknown".into(),
+            role: self.traversal.role().as_str().into(),
+            reachability: self.traversal.reachability().as_str().into(),
             connected_peers: self.peer_manager.connected_count(),
             connections: self.peers.values().map(|p| p.connections.len()).sum(),
             routing_table_size,
@@ -1165,39 +1413,8 @@ fn usefulness(
 }
 
 fn connection_label(addr: &Multiaddr, outbound: bool) -> ConnectionLabel {
-    let transport = if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
-        "relay"
-    } else if addr.iter().any(|p| matches!(p, Protocol::QuicV1)) {
-        "quic"
-    } else if addr.iter().any(|p| matches!(p, Protocol::Tcp(_))) {
-        "tcp"
-    } else {
-        "other"
-    };
     ConnectionLabel {
         direction: if outbound { "outbound" } else { "inbound" },
-        transport,
+        transport: crate::addr::transport(addr),
     }
-}
-
-fn is_link_local(addr: &Multiaddr) -> bool {
-    matches!(addr.iter().next(), Some(Protocol::Ip6(ip)) if ip.is_unicast_link_local())
-}
-
-fn is_dialable(addr: &Multiaddr) -> bool {
-    match addr.iter().next() {
-        Some(Protocol::Ip4(ip)) => !ip.is_unspecified(),
-        Some(Protocol::Ip6(ip)) => !ip.is_unspecified(),
-        Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_) | Protocol::Dnsaddr(_)) => {
-            true
-        }
-        _ => false,
-    }
-}
-
-fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

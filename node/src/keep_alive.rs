@@ -15,9 +15,9 @@
 //! lookups would leave it connected to most of the network.
 
 use std::{
-    collections::HashSet,
+    collections::{HashSet, VecDeque},
     convert::Infallible,
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
 };
 
 use libp2p::{
@@ -25,7 +25,8 @@ use libp2p::{
     swarm::{
         handler::{ConnectionEvent, FullyNegotiatedInbound, FullyNegotiatedOutbound},
         ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
-        NetworkBehaviour, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+        NetworkBehaviour, NotifyHandler, SubstreamProtocol, THandler, THandlerInEvent,
+        THandlerOutEvent, ToSwarm,
     },
     Multiaddr, PeerId,
 };
@@ -36,12 +37,25 @@ pub struct Behaviour {
     /// Outbound connections dialed on purpose and not yet established. Bounded by
     /// the dials in flight: entries leave on establishment or on failure.
     managed: HashSet<ConnectionId>,
+    /// Established connections to start holding open, bounded by the node's own
+    /// decisions (one per duplicate closed).
+    to_hold: VecDeque<(PeerId, ConnectionId)>,
+    waker: Option<Waker>,
 }
 
 impl Behaviour {
     /// Marks the dial with this id as deliberate: its connection is held open.
     pub fn manage(&mut self, connection_id: ConnectionId) {
         self.managed.insert(connection_id);
+    }
+
+    /// Starts holding an established connection open (one that replaces a held
+    /// connection the node closed as a duplicate).
+    pub fn hold(&mut self, peer: PeerId, connection_id: ConnectionId) {
+        self.to_hold.push_back((peer, connection_id));
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
     }
 }
 
@@ -87,10 +101,25 @@ impl NetworkBehaviour for Behaviour {
         libp2p::core::util::unreachable(event)
     }
 
-    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        if let Some((peer_id, id)) = self.to_hold.pop_front() {
+            return Poll::Ready(ToSwarm::NotifyHandler {
+                peer_id,
+                handler: NotifyHandler::One(id),
+                event: Hold,
+            });
+        }
+        self.waker = Some(cx.waker().clone());
         Poll::Pending
     }
 }
+
+/// Tells a [`Handler`] to hold its connection open from now on.
+#[derive(Debug)]
+pub struct Hold;
 
 /// A handler that speaks no protocol and asks for its connection to stay open, or
 /// leaves that to the other protocols.
@@ -100,7 +129,7 @@ pub struct Handler {
 }
 
 impl ConnectionHandler for Handler {
-    type FromBehaviour = Infallible;
+    type FromBehaviour = Hold;
     type ToBehaviour = Infallible;
     type InboundProtocol = DeniedUpgrade;
     type OutboundProtocol = DeniedUpgrade;
@@ -115,8 +144,8 @@ impl ConnectionHandler for Handler {
         self.keep_alive
     }
 
-    fn on_behaviour_event(&mut self, event: Self::FromBehaviour) {
-        libp2p::core::util::unreachable(event)
+    fn on_behaviour_event(&mut self, _: Self::FromBehaviour) {
+        self.keep_alive = true;
     }
 
     fn poll(

@@ -7,14 +7,15 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
-use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
+use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
 use crate::datadir::write_atomic;
 
+/// The layout of the file; another one is set aside like a corrupt file.
+const FILE_VERSION: u32 = 1;
 /// Addresses kept per peer; a peer announcing more is cut to the most recent.
 const MAX_ADDRS_PER_PEER: usize = 8;
 
@@ -62,7 +63,17 @@ impl KnownPeers {
                 return list;
             }
         };
-        match serde_json::from_slice::<KnownPeersFile>(&bytes) {
+        let parsed = serde_json::from_slice::<KnownPeersFile>(&bytes).and_then(|file| {
+            if file.version == FILE_VERSION {
+                Ok(file)
+            } else {
+                Err(serde::de::Error::custom(format!(
+                    "version {} (this build reads {FILE_VERSION})",
+                    file.version
+                )))
+            }
+        });
+        match parsed {
             Ok(file) => {
                 for peer in file.peers.into_iter().filter(|p| p.peer_id != local) {
                     list.peers.insert(peer.peer_id, peer);
@@ -86,7 +97,7 @@ impl KnownPeers {
 
     /// Records that `peer` was reached at or announced `addrs` just now.
     pub fn record(&mut self, peer: PeerId, addrs: impl IntoIterator<Item = Multiaddr>) {
-        let now = unix_now();
+        let now = crate::clock::unix_secs();
         let entry = self.peers.entry(peer).or_insert_with(|| KnownPeer {
             peer_id: peer,
             addrs: Vec::new(),
@@ -94,8 +105,9 @@ impl KnownPeers {
         });
         entry.last_seen = now;
         for addr in addrs {
-            let addr = without_p2p(addr);
-            if is_worth_remembering(&addr) {
+            let addr = crate::addr::without_p2p(addr);
+            // Relayed addresses depend on a relay that may be gone by the next start.
+            if crate::addr::is_dialable(&addr) && !crate::addr::is_relayed(&addr) {
                 entry.addrs.retain(|a| a != &addr);
                 entry.addrs.insert(0, addr);
             }
@@ -147,21 +159,6 @@ impl KnownPeers {
         self.dirty
     }
 
-    /// Writes the list if it changed since the last save.
-    pub fn save(&mut self) -> std::io::Result<()> {
-        if !self.dirty {
-            return Ok(());
-        }
-        let file = KnownPeersFile {
-            version: 1,
-            peers: self.candidates(),
-        };
-        let bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
-        write_atomic(&self.path, &bytes, 0o600)?;
-        self.dirty = false;
-        Ok(())
-    }
-
     /// Drops the least recently seen peers beyond the cap, never `keep` (the peer
     /// being recorded, which is the most recent even when seconds tie).
     fn enforce_cap(&mut self, keep: Option<PeerId>) {
@@ -180,35 +177,86 @@ impl KnownPeers {
             }
         }
     }
-}
 
-fn without_p2p(mut addr: Multiaddr) -> Multiaddr {
-    if matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
-        addr.pop();
-    }
-    addr
-}
-
-/// Unspecified addresses (`0.0.0.0`) cannot be dialed; relayed ones depend on a relay
-/// that may be gone by the next start.
-fn is_worth_remembering(addr: &Multiaddr) -> bool {
-    let mut parts = addr.iter();
-    let first_ok = match parts.next() {
-        Some(Protocol::Ip4(ip)) => !ip.is_unspecified(),
-        Some(Protocol::Ip6(ip)) => !ip.is_unspecified(),
-        Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_) | Protocol::Dnsaddr(_)) => {
-            true
+    /// The file's bytes if the list changed since the last snapshot, for a
+    /// [`Persister`] to write.
+    pub fn snapshot(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        if !self.dirty {
+            return Ok(None);
         }
-        _ => false,
-    };
-    first_ok && !addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+        let file = KnownPeersFile {
+            version: FILE_VERSION,
+            peers: self.candidates(),
+        };
+        let bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
+        self.dirty = false;
+        Ok(Some(bytes))
+    }
+
+    /// Writes the list now if it changed (at shutdown, when nothing else waits).
+    pub fn save(&mut self) -> std::io::Result<()> {
+        match self.snapshot()? {
+            Some(bytes) => write_atomic(&self.path, &bytes, 0o600),
+            None => Ok(()),
+        }
+    }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// Writes snapshots of the known-peer list on a task of its own, so the fsyncs of an
+/// atomic write never stall the event loop. One write at a time; a snapshot that
+/// arrives while one is written replaces any that waited, so the queue is one deep.
+pub struct Persister {
+    tx: Option<tokio::sync::watch::Sender<Option<std::sync::Arc<Vec<u8>>>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Persister {
+    /// Starts the writer for `path` (needs a tokio runtime).
+    pub fn spawn(path: PathBuf) -> Persister {
+        let (tx, mut rx) = tokio::sync::watch::channel(None::<std::sync::Arc<Vec<u8>>>);
+        let task = tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let Some(bytes) = rx.borrow_and_update().clone() else {
+                    continue;
+                };
+                let path = path.clone();
+                let written =
+                    tokio::task::spawn_blocking(move || write_atomic(&path, &bytes, 0o600)).await;
+                match written {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot save known peers"),
+                    Err(e) => tracing::warn!(error = %e, "known-peer writer failed"),
+                }
+            }
+        });
+        Persister {
+            tx: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// A persister that writes nothing (what remains after [`Persister::finish`]).
+    pub fn inert() -> Persister {
+        Persister {
+            tx: None,
+            task: None,
+        }
+    }
+
+    /// Queues `bytes` to be written.
+    pub fn save(&self, bytes: Vec<u8>) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Some(std::sync::Arc::new(bytes)));
+        }
+    }
+
+    /// Waits for the write in hand, if any, and stops the writer.
+    pub async fn finish(mut self) {
+        drop(self.tx.take());
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -12,25 +12,39 @@
 
 #![deny(missing_docs)]
 
+pub mod addr;
 pub mod api;
 // The NetworkBehaviour derive generates an event enum without doc comments.
 #[allow(missing_docs)]
 pub mod behaviour;
 pub mod broadcast;
 pub mod cli;
+mod cli_files;
 pub mod client;
+pub mod clock;
+pub mod codecs;
 pub mod config;
 pub mod datadir;
 pub mod deny;
 pub mod event_loop;
+pub mod fetch;
+pub mod files;
 pub mod identity;
 pub mod keep_alive;
 pub mod known_peers;
 pub mod logging;
 pub mod metrics;
 pub mod node;
+pub mod part_file;
 pub mod peer_manager;
+pub mod provider_store;
+pub mod reach;
+pub mod relays;
+pub mod role;
+pub mod search;
+pub mod store;
 pub mod swarm;
+pub mod traversal;
 
 pub use client::Client;
 pub use config::Config;

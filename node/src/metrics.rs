@@ -5,7 +5,7 @@
 //! subscribes to them (everything else is `other`), and reasons are fixed strings.
 //! That keeps the number of series bounded whatever the network sends.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use prometheus_client::{
     collector::Collector,
@@ -99,11 +99,316 @@ pub struct Metrics {
     pub message_latency: Histogram,
     /// 1 when `/readyz` answers ready.
     pub ready: Gauge,
+    /// File sharing and search.
+    pub files: FileMetrics,
+    /// Reachability, roles, relays and hole punching.
+    pub nat: NatMetrics,
+}
+
+/// Label for one-hot state gauges.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// A fixed state name.
+    pub state: &'static str,
+}
+
+/// Reachability, role, relay and hole-punch families.
+#[derive(Debug, Clone)]
+pub struct NatMetrics {
+    /// 1 for the current reachability verdict (`public`, `private`, `unknown`).
+    pub reachability: Family<StateLabel, Gauge>,
+    /// 1 for the current role (`super`, `peer`, `undecided`).
+    pub role: Family<StateLabel, Gauge>,
+    /// Reachability probes of our addresses, by outcome.
+    pub probes: Family<ReasonLabel, Counter>,
+    /// Dial-backs this node's AutoNAT server made for others, by result (`ok`,
+    /// `error`, `throttled`).
+    pub dial_backs_served: Family<ReasonLabel, Counter>,
+    /// Relay reservations this node holds on super-peers (accepted).
+    pub reservations_held: Gauge,
+    /// Relay reservations that ended and were replaced.
+    pub reservations_replaced: Counter,
+    /// Reservations this node's relay holds for others.
+    pub reservations_served: Gauge,
+    /// Relay requests this node refused, by kind (`reservation`, `circuit`).
+    pub relay_denied: Family<ReasonLabel, Counter>,
+    /// Circuits this node's relay carries now.
+    pub circuits_served: Gauge,
+    /// Hole punches attempted (DCUtR on a relayed connection).
+    pub holepunch_attempts: Counter,
+    /// Hole-punch outcomes, by result (`direct`, `failed`).
+    pub holepunch_results: Family<ReasonLabel, Counter>,
+    /// Seconds from a relayed connection to the direct one that replaced it.
+    pub time_to_direct: Histogram,
+}
+
+impl NatMetrics {
+    fn register(r: &mut Registry) -> NatMetrics {
+        let m = NatMetrics {
+            reachability: Family::default(),
+            role: Family::default(),
+            probes: Family::default(),
+            dial_backs_served: Family::default(),
+            reservations_held: Gauge::default(),
+            reservations_replaced: Counter::default(),
+            reservations_served: Gauge::default(),
+            relay_denied: Family::default(),
+            circuits_served: Gauge::default(),
+            holepunch_attempts: Counter::default(),
+            holepunch_results: Family::default(),
+            time_to_direct: Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+        };
+        for state in ["public", "private", "unknown"] {
+            m.reachability.get_or_create(&StateLabel { state }).set(0);
+        }
+        for role in crate::role::Role::ALL {
+            m.role
+                .get_or_create(&StateLabel {
+                    state: role.as_str(),
+                })
+                .set(0);
+        }
+        r.register(
+            "reachability",
+            "1 for the current reachability verdict",
+            m.reachability.clone(),
+        );
+        r.register("role", "1 for the current role", m.role.clone());
+        r.register(
+            "reach_probes",
+            "Reachability probes of this node's addresses, by outcome",
+            m.probes.clone(),
+        );
+        r.register(
+            "autonat_dial_backs_served",
+            "Dial-backs made for other peers, by result",
+            m.dial_backs_served.clone(),
+        );
+        r.register(
+            "relay_reservations_held",
+            "Relay reservations this node holds on super-peers",
+            m.reservations_held.clone(),
+        );
+        r.register(
+            "relay_reservations_replaced",
+            "Relay reservations that ended and were replaced",
+            m.reservations_replaced.clone(),
+        );
+        r.register(
+            "relay_reservations_served",
+            "Reservations this node's relay holds for other peers",
+            m.reservations_served.clone(),
+        );
+        r.register(
+            "relay_denied",
+            "Relay requests refused, by kind",
+            m.relay_denied.clone(),
+        );
+        r.register(
+            "relay_circuits_served",
+            "Circuits this node's relay carries",
+            m.circuits_served.clone(),
+        );
+        r.register(
+            "holepunch_attempts",
+            "Hole punches attempted on relayed connections",
+            m.holepunch_attempts.clone(),
+        );
+        r.register(
+            "holepunch_results",
+            "Hole-punch outcomes, by result",
+            m.holepunch_results.clone(),
+        );
+        r.register_with_unit(
+            "time_to_direct",
+            "Time from a relayed connection to the direct one that replaced it",
+            Unit::Seconds,
+            m.time_to_direct.clone(),
+        );
+        m
+    }
+
+    /// Sets the one-hot reachability and role gauges.
+    pub fn set_state(&self, reachability: &'static str, role: &'static str) {
+        for state in ["public", "private", "unknown"] {
+            self.reachability
+                .get_or_create(&StateLabel { state })
+                .set(i64::from(state == reachability));
+        }
+        for r in crate::role::Role::ALL {
+            self.role
+                .get_or_create(&StateLabel { state: r.as_str() })
+                .set(i64::from(r.as_str() == role));
+        }
+    }
+}
+
+/// File sharing and search families (`servant_file_*`, `servant_store_*`,
+/// `servant_search_*`).
+#[derive(Debug, Clone)]
+pub struct FileMetrics {
+    /// Chunk and manifest bytes sent to other peers.
+    pub bytes_served: Counter,
+    /// Chunk bytes received, verified and stored.
+    pub bytes_fetched: Counter,
+    /// Chunks whose hash matched the manifest.
+    pub chunks_verified: Counter,
+    /// Chunks refused because their hash did not match (the provider lied).
+    pub chunks_rejected: Counter,
+    /// Requests served, by outcome (`chunk`, `manifest`, `not_found`, `busy`, `bad_request`).
+    pub requests_served: Family<ReasonLabel, Counter>,
+    /// Fetches under way.
+    pub active_fetches: Gauge,
+    /// Fetches finished, by result.
+    pub fetches: Family<ReasonLabel, Counter>,
+    /// Providers that delivered at least one chunk, per finished fetch.
+    pub providers_per_fetch: Histogram,
+    /// Bytes of chunk blocks in the store.
+    pub store_bytes: Gauge,
+    /// Contents in the store, complete or not.
+    pub store_contents: Gauge,
+    /// Contents this node announces as provider in the DHT.
+    pub provided: Gauge,
+    /// Fetched contents evicted to stay within the quota.
+    pub store_evictions: Counter,
+    /// Search queries answered from this node's shares.
+    pub search_answered: Counter,
+    /// Search queries forwarded to other peers (one per peer sent to).
+    pub search_forwarded: Counter,
+    /// Search messages dropped by the per-peer rate limit.
+    pub search_rate_limited: Counter,
+    /// Search hits received for this node's own queries or passed back towards askers.
+    pub search_hits: Family<ReasonLabel, Counter>,
+    /// Penalties given to peers for misbehaviour, by reason.
+    pub peer_penalties: Family<ReasonLabel, Counter>,
+    /// Requests our codecs refused as malformed, by protocol (`file`, `search`).
+    pub malformed_frames: Family<ReasonLabel, Counter>,
+}
+
+impl FileMetrics {
+    fn register(r: &mut Registry) -> FileMetrics {
+        let m = FileMetrics {
+            bytes_served: Counter::default(),
+            bytes_fetched: Counter::default(),
+            chunks_verified: Counter::default(),
+            chunks_rejected: Counter::default(),
+            requests_served: Family::default(),
+            active_fetches: Gauge::default(),
+            fetches: Family::default(),
+            providers_per_fetch: Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0]),
+            store_bytes: Gauge::default(),
+            store_contents: Gauge::default(),
+            provided: Gauge::default(),
+            store_evictions: Counter::default(),
+            search_answered: Counter::default(),
+            search_forwarded: Counter::default(),
+            search_rate_limited: Counter::default(),
+            search_hits: Family::default(),
+            peer_penalties: Family::default(),
+            malformed_frames: Family::default(),
+        };
+        r.register_with_unit(
+            "file_served",
+            "Manifest and chunk bytes sent to other peers",
+            Unit::Bytes,
+            m.bytes_served.clone(),
+        );
+        r.register_with_unit(
+            "file_fetched",
+            "Chunk bytes received, verified and stored",
+            Unit::Bytes,
+            m.bytes_fetched.clone(),
+        );
+        r.register(
+            "file_chunks_verified",
+            "Fetched chunks whose hash matched the manifest",
+            m.chunks_verified.clone(),
+        );
+        r.register(
+            "file_chunks_rejected",
+            "Fetched chunks refused because their hash did not match",
+            m.chunks_rejected.clone(),
+        );
+        r.register(
+            "file_requests_served",
+            "File requests answered, by outcome",
+            m.requests_served.clone(),
+        );
+        r.register(
+            "file_active_fetches",
+            "Fetches under way",
+            m.active_fetches.clone(),
+        );
+        r.register(
+            "file_fetches",
+            "Fetches finished, by result",
+            m.fetches.clone(),
+        );
+        r.register(
+            "file_providers_per_fetch",
+            "Providers that delivered chunks, per finished fetch",
+            m.providers_per_fetch.clone(),
+        );
+        r.register_with_unit(
+            "store",
+            "Bytes of chunk blocks in the content store",
+            Unit::Bytes,
+            m.store_bytes.clone(),
+        );
+        r.register(
+            "store_contents",
+            "Contents in the store, complete or not",
+            m.store_contents.clone(),
+        );
+        r.register(
+            "store_provided",
+            "Contents this node announces as provider in the DHT",
+            m.provided.clone(),
+        );
+        r.register(
+            "store_evictions",
+            "Fetched contents evicted to stay within the store quota",
+            m.store_evictions.clone(),
+        );
+        r.register(
+            "search_answered",
+            "Search queries answered from this node's shares",
+            m.search_answered.clone(),
+        );
+        r.register(
+            "search_forwarded",
+            "Search queries forwarded, one per peer sent to",
+            m.search_forwarded.clone(),
+        );
+        r.register(
+            "search_rate_limited",
+            "Search messages dropped by the per-peer rate limit",
+            m.search_rate_limited.clone(),
+        );
+        r.register(
+            "search_hits",
+            "Search hits: delivered to a local search or passed back towards the asker",
+            m.search_hits.clone(),
+        );
+        r.register(
+            "peer_penalties",
+            "Penalties given to peers for misbehaviour, by reason",
+            m.peer_penalties.clone(),
+        );
+        r.register(
+            "malformed_frames",
+            "Requests refused as malformed by the file and search codecs, by protocol",
+            m.malformed_frames.clone(),
+        );
+        m
+    }
 }
 
 impl Metrics {
     /// Registers every family in `registry` under the `servant_` prefix.
     pub fn register(registry: &mut Registry) -> Metrics {
+        let files = FileMetrics::register(registry.sub_registry_with_prefix("servant"));
+        let nat = NatMetrics::register(registry.sub_registry_with_prefix("servant"));
         let metrics = Metrics {
             connected_peers: Gauge::default(),
             connections: Family::default(),
@@ -123,6 +428,8 @@ impl Metrics {
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ]),
             ready: Gauge::default(),
+            files,
+            nat,
         };
         let r = registry.sub_registry_with_prefix("servant");
         r.register(
@@ -223,10 +530,7 @@ struct ProcessCollector {
 impl ProcessCollector {
     fn new() -> Self {
         ProcessCollector {
-            start_time: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            start_time: crate::clock::unix_secs(),
             started: Instant::now(),
         }
     }

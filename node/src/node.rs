@@ -15,14 +15,16 @@ use tokio::{
 };
 
 use crate::{
-    api::{self, Api, ApiError},
+    api::{self, Api, ApiError, FilesState},
     client::{Client, COMMAND_QUEUE},
     config::Config,
     datadir::{DataDir, DataDirError},
     deny::{BansFileError, DenyList},
     event_loop::{EventLoop, Health, ListenFailed, Parts},
+    fetch::FetchContext,
     identity::{self, IdentityError},
     metrics::Metrics,
+    store::{Store, StoreError},
     swarm::{self, SwarmError},
 };
 
@@ -53,6 +55,9 @@ pub enum StartError {
     /// The API could not start.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// The content store could not be opened.
+    #[error("content store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// A running node.
@@ -79,9 +84,14 @@ impl Node {
             &data_dir.bans_path(),
         )?;
         let token = api::resolve_token(&config, &data_dir)?;
+        let store = Arc::new(Store::open(
+            &data_dir.path().join("store"),
+            config.store_quota.get(),
+        )?);
 
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
+        let files_metrics = metrics.files.clone();
         let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
         let swarm = swarm::build(key, &config, deny_list, &mut registry)?;
 
@@ -102,9 +112,20 @@ impl Node {
                 metrics,
                 libp2p_metrics,
                 health: health_tx,
+                store: store.clone(),
             },
             &config,
         )?;
+        let files = FilesState {
+            fetch: FetchContext {
+                client: client.clone(),
+                store: store.clone(),
+                metrics: files_metrics,
+                window: config.fetch_window_per_provider,
+            },
+            store,
+            chunk_size: config.chunk_size.get() as u32,
+        };
         let api = Api::bind(
             config.api,
             client.clone(),
@@ -112,6 +133,7 @@ impl Node {
             health_rx,
             token,
             stop_rx.clone(),
+            files,
         )
         .await?;
         let api_addr = api.local_addr();

@@ -30,6 +30,9 @@ pub const MAX_CONCURRENT_DIALS: usize = 8;
 /// A connection younger than this is not trimmed: a DHT query or a handshake in
 /// progress deserves to finish, and a node must not close what it just opened.
 pub const TRIM_GRACE: Duration = Duration::from_secs(10);
+/// Most peers whose backoff is remembered; beyond it the entries that expire first go
+/// (the map would otherwise grow with every PeerId that ever connected).
+pub const MAX_BACKOFF_ENTRIES: usize = 4096;
 /// A random walk on the DHT runs at most this often while below the low watermark.
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -91,7 +94,8 @@ struct Backoff {
 pub struct PeerManager {
     low: usize,
     high: usize,
-    bootnodes: HashMap<PeerId, Multiaddr>,
+    /// Bootnodes by PeerId; one may be given with several addresses (TCP and QUIC).
+    bootnodes: HashMap<PeerId, Vec<Multiaddr>>,
     bootnodes_reached: HashSet<PeerId>,
     /// Peers connected on purpose (`servant connect`): never trimmed.
     explicit: HashSet<PeerId>,
@@ -104,10 +108,17 @@ pub struct PeerManager {
 impl PeerManager {
     /// A manager keeping between `low` and `high` peers, protecting `bootnodes`.
     pub fn new(low: usize, high: usize, bootnodes: Vec<(PeerId, Multiaddr)>) -> Self {
+        let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+        for (peer, addr) in bootnodes {
+            let addrs = by_peer.entry(peer).or_default();
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
         PeerManager {
             low,
             high,
-            bootnodes: bootnodes.into_iter().collect(),
+            bootnodes: by_peer,
             bootnodes_reached: HashSet::new(),
             explicit: HashSet::new(),
             connected: HashMap::new(),
@@ -132,7 +143,10 @@ impl PeerManager {
         let mut list: Vec<(Multiaddr, bool)> = self
             .bootnodes
             .iter()
-            .map(|(peer, addr)| (addr.clone(), self.connected.contains_key(peer)))
+            .flat_map(|(peer, addrs)| {
+                let connected = self.connected.contains_key(peer);
+                addrs.iter().map(move |addr| (addr.clone(), connected))
+            })
             .collect();
         list.sort_by_key(|(a, _)| a.to_string());
         list
@@ -231,6 +245,7 @@ impl PeerManager {
         // Dials that never resolved (lost events) must not block the slots forever.
         self.dialing
             .retain(|_, started| now.duration_since(*started) < Duration::from_secs(60));
+        self.prune_backoff(now);
 
         let below_low = self.connected.len() < self.low;
         // Bootnodes: until each was reached once, and afterwards whenever the node is
@@ -240,9 +255,9 @@ impl PeerManager {
             .iter()
             .filter(|(peer, _)| below_low || !self.bootnodes_reached.contains(peer))
             .filter(|(peer, _)| self.dialable(peer, now))
-            .map(|(peer, addr)| Candidate {
+            .map(|(peer, addrs)| Candidate {
                 peer: *peer,
-                addrs: vec![addr.clone()],
+                addrs: addrs.clone(),
                 source: Source::Bootnode,
             })
             .collect();
@@ -298,6 +313,22 @@ impl PeerManager {
             plan.trim = ranked.into_iter().take(excess).map(|(p, _)| p).collect();
         }
         plan
+    }
+}
+
+impl PeerManager {
+    /// Forgets backoffs that are over and count no failure, and caps the rest.
+    fn prune_backoff(&mut self, now: Instant) {
+        self.backoff.retain(|_, b| b.until > now || b.failures > 0);
+        if self.backoff.len() > MAX_BACKOFF_ENTRIES {
+            let mut by_end: Vec<(Instant, PeerId)> =
+                self.backoff.iter().map(|(p, b)| (b.until, *p)).collect();
+            by_end.sort();
+            let excess = self.backoff.len() - MAX_BACKOFF_ENTRIES;
+            for (_, peer) in by_end.into_iter().take(excess) {
+                self.backoff.remove(&peer);
+            }
+        }
     }
 }
 
@@ -424,6 +455,33 @@ mod tests {
         pm.on_connected(p, t);
         pm.on_disconnected(p, t + STABLE_CONNECTION, true);
         assert_eq!(pm.backoff[&p].failures, 0);
+    }
+
+    #[test]
+    fn backoff_state_is_bounded() {
+        let now = Instant::now();
+        let mut pm = PeerManager::new(1, 2, vec![]);
+        for _ in 0..(MAX_BACKOFF_ENTRIES + 100) {
+            let p = PeerId::random();
+            pm.on_connected(p, now);
+            pm.on_disconnected(p, now, false);
+        }
+        pm.plan(now, vec![], |_| 0.0);
+        assert!(pm.backoff.len() <= MAX_BACKOFF_ENTRIES);
+        pm.plan(now + RECONNECT_COOLDOWN, vec![], |_| 0.0);
+        assert!(pm.backoff.is_empty(), "expired cooldowns are forgotten");
+    }
+
+    #[test]
+    fn a_bootnode_may_have_several_addresses() {
+        let now = Instant::now();
+        let boot = PeerId::random();
+        let quic: Multiaddr = "/ip4/127.0.0.1/udp/1/quic-v1".parse().unwrap();
+        let mut pm = PeerManager::new(1, 2, vec![(boot, addr()), (boot, quic)]);
+        let plan = pm.plan(now, vec![], |_| 0.0);
+        assert_eq!(plan.dial.len(), 1);
+        assert_eq!(plan.dial[0].addrs.len(), 2);
+        assert_eq!(pm.bootnodes().len(), 2);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Builds the Swarm: TCP (noise, yamux), QUIC and DNS, with bandwidth metrics,
-//! around the node's [`Behaviour`].
+//! Builds the Swarm: TCP (noise, yamux), QUIC, DNS and relayed connections
+//! (circuit relay v2), with bandwidth metrics, around the node's [`Behaviour`].
 
 use libp2p::{identity::Keypair, noise, tcp, yamux, Swarm};
 use prometheus_client::registry::Registry;
@@ -17,8 +17,8 @@ pub enum SwarmError {
     #[error("cannot set up DNS resolution (is /etc/resolv.conf readable?): {0}")]
     Dns(String),
     /// A protocol refused its configuration.
-    #[error(transparent)]
-    Behaviour(#[from] crate::behaviour::BehaviourError),
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// How long a connection no protocol uses stays open. Established connections are
@@ -33,8 +33,7 @@ pub fn build(
     deny_list: DenyList,
     registry: &mut Registry,
 ) -> Result<Swarm<Behaviour>, SwarmError> {
-    let behaviour = Behaviour::new(&key, config, deny_list, registry)?;
-    let Ok(builder) = libp2p::SwarmBuilder::with_existing_identity(key)
+    let builder = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
@@ -45,8 +44,14 @@ pub fn build(
         .with_quic()
         .with_dns()
         .map_err(|e| SwarmError::Dns(e.to_string()))?
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| SwarmError::Tcp(e.to_string()))?
         .with_bandwidth_metrics(registry)
-        .with_behaviour(|_| behaviour);
+        .with_behaviour(|key, relay_client| {
+            Behaviour::new(key, config, deny_list, relay_client, registry)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
+        .map_err(|e| SwarmError::Setup(e.to_string()))?;
     Ok(builder
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
         .build())

@@ -7,7 +7,10 @@
 #![deny(missing_docs)]
 
 pub mod broadcast;
+pub mod file;
 pub mod limits;
+pub mod manifest;
+pub mod search;
 pub mod topic;
 
 pub use broadcast::{Envelope, EnvelopeError};

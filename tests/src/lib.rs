@@ -6,6 +6,7 @@
 
 #![allow(clippy::missing_panics_doc)]
 
+pub mod file_peer;
 pub mod gossip_peer;
 
 use std::{
@@ -24,7 +25,10 @@ use libp2p::{Multiaddr, PeerId};
 use servant::{
     broadcast::Delivery,
     client::{BanOutcome, ConnectOutcome, PeerView, Status},
+    fetch::Progress,
+    store::ContentInfo,
 };
+use servant_protocol::search::Hit;
 use tokio::sync::mpsc;
 
 /// Path of the `servant` binary under test: `$SERVANT_BIN`, else the one cargo built
@@ -334,6 +338,82 @@ impl TestNode {
         serde_json::from_str(&text).with_context(|| format!("decode {text}"))
     }
 
+    /// `POST /v1/share`: imports and announces a file or directory.
+    pub async fn share(&self, path: &Path) -> Result<ContentInfo> {
+        let response = self
+            .http
+            .post(format!("{}/v1/share", self.api_url()))
+            .json(&serde_json::json!({ "path": path }))
+            .timeout(Duration::from_secs(600))
+            .send()
+            .await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("{} share {}: {status}: {text}", self.name, path.display());
+        }
+        serde_json::from_str(&text).with_context(|| format!("decode {text}"))
+    }
+
+    /// `GET /v1/shares`.
+    pub async fn shares(&self) -> Result<Vec<ContentInfo>> {
+        self.get("/v1/shares").await
+    }
+
+    /// `POST /v1/fetch`, following its progress to the end. Returns every event; the
+    /// last one is `finished` or `failed`.
+    pub async fn fetch(&self, id: &str, out: &Path) -> Result<Vec<Progress>> {
+        let mut events = Vec::new();
+        let mut stream = self.fetch_stream(id, out).await?;
+        while let Some(event) = stream.recv().await {
+            events.push(event);
+        }
+        match events.last() {
+            Some(Progress::Finished { .. } | Progress::Failed { .. }) => Ok(events),
+            _ => bail!("{}: fetch stream ended early: {events:?}", self.name),
+        }
+    }
+
+    /// `POST /v1/fetch`, with its progress events forwarded to a channel as they
+    /// arrive (dropping the receiver cancels the fetch).
+    pub async fn fetch_stream(&self, id: &str, out: &Path) -> Result<mpsc::Receiver<Progress>> {
+        let response = self
+            .http
+            .post(format!("{}/v1/fetch", self.api_url()))
+            .json(&serde_json::json!({ "id": id, "out": out, "overwrite": true }))
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            let status = response.status();
+            bail!("{} fetch: {status}: {}", self.name, response.text().await?);
+        }
+        Ok(json_lines(response))
+    }
+
+    /// `GET /v1/search`: every hit within `timeout`.
+    pub async fn search(&self, term: &str, ttl: u8, timeout: Duration) -> Result<Vec<Hit>> {
+        let response = self
+            .http
+            .get(format!("{}/v1/search", self.api_url()))
+            .query(&[
+                ("term", term.to_string()),
+                ("ttl", ttl.to_string()),
+                ("timeout_ms", timeout.as_millis().to_string()),
+            ])
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            let status = response.status();
+            bail!("{} search: {status}: {}", self.name, response.text().await?);
+        }
+        let mut rx = json_lines(response);
+        let mut hits = Vec::new();
+        while let Some(hit) = rx.recv().await {
+            hits.push(hit);
+        }
+        Ok(hits)
+    }
+
     /// `GET /v1/status`.
     pub async fn status(&self) -> Result<Status> {
         self.get("/v1/status").await
@@ -631,14 +711,91 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Runs `servant` with `args` to completion (for CLI and config tests).
+/// Runs `servant` with `args` to completion (for CLI and config tests). A command
+/// still running after 20 s (a node that should have refused to start, say) is
+/// killed and the test fails instead of hanging.
 pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(servant_bin());
-    cmd.args(args).stdin(Stdio::null());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.output().expect("run servant")
+    let child = cmd.spawn().expect("run servant");
+    let pid = child.id();
+    // Reading the pipes while waiting (wait_with_output) cannot take a timeout, so
+    // it runs on a thread of its own and the test waits on the thread.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(output) => output.expect("collect servant's output"),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child; at worst it already exited.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+            panic!("`servant {}` still ran after 20 s", args.join(" "));
+        }
+    }
+}
+
+/// Decodes a streamed JSON-lines response into a channel, line by line as they
+/// arrive; the channel closes when the stream ends or a line does not decode.
+pub fn json_lines<T: serde::de::DeserializeOwned + Send + 'static>(
+    response: reqwest::Response,
+) -> mpsc::Receiver<T> {
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(async move {
+        let mut stream = response.bytes_stream();
+        let mut buffer: Vec<u8> = Vec::new();
+        while let Some(Ok(chunk)) = stream.next().await {
+            buffer.extend_from_slice(&chunk);
+            while let Some(pos) = buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buffer.drain(..=pos).collect();
+                let Ok(item) = serde_json::from_slice(&line) else {
+                    eprintln!("undecodable line: {}", String::from_utf8_lossy(&line));
+                    return;
+                };
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Writes `len` pseudo-random bytes (from `seed`) to `path`, in pieces, and returns
+/// their BLAKE3 hash.
+pub fn random_file(path: &Path, len: u64, seed: u64) -> Result<blake3::Hash> {
+    use rand::{RngCore, SeedableRng};
+    use std::io::Write;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut file = std::io::BufWriter::new(File::create(path)?);
+    let mut hasher = blake3::Hasher::new();
+    let mut left = len;
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        file.write_all(&buf[..n])?;
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    file.flush()?;
+    Ok(hasher.finalize())
+}
+
+/// The BLAKE3 hash of a file's bytes.
+pub fn hash_file(path: &Path) -> Result<blake3::Hash> {
+    let mut hasher = blake3::Hasher::new();
+    let mut file = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hasher.finalize())
 }
 
 /// Whether this process runs as root (network namespaces, iptables).

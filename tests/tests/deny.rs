@@ -6,6 +6,32 @@ use std::time::Duration;
 use anyhow::Result;
 use servant_tests::{eventually, run_cli, Net};
 
+async fn denied_peers(net: &Net, node: usize) -> Result<f64> {
+    net[node]
+        .metric("servant_connections_denied_total{reason=\"peer_denied\"}")
+        .await
+}
+
+/// Waits until `node` refused another connection by PeerId.
+async fn refused_since(net: &Net, node: usize, before: f64) -> Result<()> {
+    eventually(
+        Duration::from_secs(10),
+        "a refusal by PeerId",
+        || async move { Ok((denied_peers(net, node).await? > before).then_some(())) },
+    )
+    .await
+}
+
+/// Waits until `node` lists `peer` as connected (its own view, not the dialer's).
+async fn guard_sees(net: &Net, node: usize, peer: libp2p::PeerId) -> Result<()> {
+    eventually(
+        Duration::from_secs(10),
+        "the guard to accept the peer",
+        || async move { Ok(net[node].peer_ids().await?.contains(&peer).then_some(())) },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denied_peers_and_runtime_bans() -> Result<()> {
     let mut net = Net::new();
@@ -101,8 +127,11 @@ async fn denied_peers_and_runtime_bans() -> Result<()> {
         )
         .await?;
     }
-    // It stays out: its own retries (the guard is its bootnode) are refused.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // It stays out: a new dial (and its own retries: the guard is its bootnode) is
+    // refused by the guard once the handshake names it.
+    let refused_before = denied_peers(&net, guard).await?;
+    let _ = net[friend].connect(&net[guard].addr().to_string()).await;
+    refused_since(&net, guard, refused_before).await?;
     assert!(!net[guard].peer_ids().await?.contains(&friend_id));
     println!("checked: a runtime ban drops the live peer and keeps it out");
 
@@ -132,7 +161,7 @@ async fn denied_peers_and_runtime_bans() -> Result<()> {
         "{listed:?}"
     );
     let _ = net[friend].connect(&net[guard].addr().to_string()).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    refused_since(&net, guard, 0.0).await?;
     assert!(!net[guard].peer_ids().await?.contains(&friend_id));
     println!("checked: runtime bans persist across a restart");
 
@@ -142,6 +171,7 @@ async fn denied_peers_and_runtime_bans() -> Result<()> {
     let outcome = net[guard].unban(&friend_id.to_string()).await?;
     assert!(outcome.changed);
     net[friend].connect(&net[guard].addr().to_string()).await?;
+    guard_sees(&net, guard, friend_id).await?;
     println!("checked: unban lets the peer back; config bans stay");
 
     // An IP range: banning 127.0.0.0/8 drops every loopback peer and refuses new ones.
@@ -166,6 +196,7 @@ async fn denied_peers_and_runtime_bans() -> Result<()> {
     assert!(ip_denied >= 1.0, "{ip_denied}");
     net[guard].unban("127.0.0.0/8").await?;
     net[friend].connect(&net[guard].addr().to_string()).await?;
+    guard_sees(&net, guard, friend_id).await?;
     println!("checked: a CIDR ban drops and refuses its range until lifted");
     net.pass();
     Ok(())

@@ -127,6 +127,21 @@ async fn bootnode_and_ten_nodes() -> Result<()> {
         );
     }
 
+    // Two nodes that dialed each other at once keep one connection between them.
+    for &i in &all {
+        let net = &net;
+        eventually(
+            Duration::from_secs(15),
+            &format!("{} to keep one connection per peer", net[i].name),
+            || async move {
+                let peers = net[i].peers().await?;
+                Ok(peers.iter().all(|p| p.addrs.len() == 1).then_some(()))
+            },
+        )
+        .await?;
+    }
+    println!("checked: every node keeps a single connection to each of its peers");
+
     // A broadcast reaches every node exactly once.
     let mut subs = subscribe_all(&net, &all).await?;
     publish_and_check(&net, nodes[3], &mut subs, "first").await?;
@@ -156,6 +171,15 @@ async fn bootnode_and_ten_nodes() -> Result<()> {
         )
         .await?;
     }
+    // Its own doing: with every bootnode down it dialed peers it remembered (they
+    // seed its routing table), and holds connections it chose.
+    let outbound = net[victim]
+        .peers()
+        .await?
+        .iter()
+        .filter(|p| p.direction != "inbound")
+        .count();
+    assert!(outbound >= 1, "the restarted node dialed nobody itself");
     {
         let net = &net;
         eventually(

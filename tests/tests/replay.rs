@@ -42,9 +42,9 @@ async fn hostile_broadcasts_are_refused_and_penalized() -> Result<()> {
     let reencoded = serde_json::to_vec_pretty(&value)?;
     peer.publish(reencoded).await?;
 
-    // A message from ten minutes ago (a replay, long after any duplicate cache forgot
-    // it) is refused.
-    let old = Envelope::new("hi", "replayed", now_ms() - 10 * 60 * 1000, origin.clone())?;
+    // A message from twenty minutes ago (a replay, long after any duplicate cache
+    // forgot it, and older than clock skew explains) is refused and penalized.
+    let old = Envelope::new("hi", "replayed", now_ms() - 20 * 60 * 1000, origin.clone())?;
     peer.publish(old.encode()?).await?;
     // A message in another peer's name.
     let forged = Envelope::new("hi", "forged", now_ms(), net[node].id().to_string())?;

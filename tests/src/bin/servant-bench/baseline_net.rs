@@ -320,14 +320,10 @@ impl BenchNet for BaselineNet {
         let origin = node.peer_id.to_string();
         async move {
             // The same bytes Servant sends: its envelope around the same body.
-            let data = servant_protocol::Envelope::new(
-                "bench",
-                body,
-                servant::broadcast::unix_ms(),
-                origin,
-            )
-            .and_then(|e| e.encode())
-            .map_err(|e| e.to_string())?;
+            let data =
+                servant_protocol::Envelope::new("bench", body, servant::clock::unix_ms(), origin)
+                    .and_then(|e| e.encode())
+                    .map_err(|e| e.to_string())?;
             let key: Key = *blake3::hash(&data).as_bytes();
             let (reply, rx) = oneshot::channel();
             commands

@@ -5,13 +5,28 @@
 //!     [--nodes 50 --rate 50 --publishers 5 --secs 20 --out target/bench/gossip.json]
 //! ```
 //!
+//! ```text
+//! cargo run --release -p servant-tests --bin servant-bench -- files \
+//!     [--size 1GiB --repeat 3 --quic --multi-size 256MiB --providers 4 --rate-mbit 200]
+//! ```
+//!
 //! `gossip` plans a topology, runs Servant's nodes in one child process and the bare
 //! gossipsub baseline in another (this binary re-executed in the hidden
 //! `gossip-child` mode), then writes a JSON report and prints a table with Servant's
 //! figures, the baseline's, their ratio and the targets.
+//!
+//! `files` times fetches between real `servant` processes against a bare libp2p
+//! stream moving the same bytes (children in the hidden `stream-server` and
+//! `stream-client` modes), then, as root, fetches from rate-limited providers in
+//! network namespaces; see [`files`].
 
 mod baseline_net;
 mod driver;
+mod files;
+mod files_netns;
+mod files_node;
+mod files_report;
+mod files_stream;
 mod load;
 mod memory;
 mod openmetrics;
@@ -54,6 +69,38 @@ enum Mode {
         /// Exit with status 1 when Servant misses a target.
         #[arg(long)]
         check: bool,
+    },
+    /// File transfer: Servant's fetch against a bare libp2p stream, and fetches
+    /// from several rate-limited providers (namespaces; root only).
+    Files {
+        #[command(flatten)]
+        params: files::FilesParams,
+        /// Where the JSON report goes; the table is written beside it as `.txt`.
+        #[arg(long, default_value = "target/bench/files.json")]
+        out: PathBuf,
+        /// Exit with status 1 when Servant misses a target.
+        #[arg(long)]
+        check: bool,
+    },
+    /// The bare-stream server (used by `files`).
+    #[command(hide = true)]
+    StreamServer {
+        /// Where to listen.
+        #[arg(long)]
+        listen: libp2p::Multiaddr,
+    },
+    /// The bare-stream client (used by `files`).
+    #[command(hide = true)]
+    StreamClient {
+        /// The server, with `/p2p/`.
+        #[arg(long)]
+        addr: libp2p::Multiaddr,
+        /// Bytes to read.
+        #[arg(long)]
+        bytes: u64,
+        /// Where to write the result as JSON.
+        #[arg(long)]
+        result: PathBuf,
     },
     /// One implementation's full-mesh memory run (used by `gossip`).
     #[command(hide = true)]
@@ -110,6 +157,22 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Mode::Files { params, out, check } => {
+            let report = files::run(&params, &out)?;
+            if check && !report.all_targets_met {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Mode::StreamServer { listen } => stream_runtime()?.block_on(files_stream::server(listen)),
+        Mode::StreamClient {
+            addr,
+            bytes,
+            result,
+        } => {
+            let outcome = stream_runtime()?.block_on(files_stream::client(addr, bytes))?;
+            write_json(&result, &outcome)
+        }
         Mode::MemoryChild {
             implementation,
             params,
@@ -134,6 +197,14 @@ fn main() -> Result<()> {
     }
 }
 
+/// The runtime of a bare-stream child: multi-threaded, one worker per core, as
+/// `servant run` has.
+fn stream_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
     serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))
@@ -142,6 +213,22 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     std::fs::write(path, serde_json::to_vec_pretty(value)?)
         .with_context(|| format!("write {}", path.display()))
+}
+
+/// Writes a report as JSON to `out` and its table beside it (`.txt`), and prints both
+/// places and the table.
+fn publish(out: &Path, report: &impl serde::Serialize, table: &str) -> Result<()> {
+    write_json(out, report)?;
+    let table_path = out.with_extension("txt");
+    std::fs::write(&table_path, table)
+        .with_context(|| format!("write {}", table_path.display()))?;
+    println!("\n{table}");
+    println!(
+        "report: {}\ntable:  {}",
+        out.display(),
+        table_path.display()
+    );
+    Ok(())
 }
 
 /// The parent: plan, run both children, report.
@@ -200,17 +287,7 @@ fn gossip(params: &Params, out: &Path) -> Result<Report> {
         baseline,
         full_mesh,
     };
-    write_json(out, &report)?;
-    let table = report::table(&report);
-    let table_path = out.with_extension("txt");
-    std::fs::write(&table_path, &table)
-        .with_context(|| format!("write {}", table_path.display()))?;
-    println!("\n{table}");
-    println!(
-        "report: {}\ntable:  {}",
-        out.display(),
-        table_path.display()
-    );
+    publish(out, &report, &report::table(&report))?;
     Ok(report)
 }
 
@@ -222,7 +299,7 @@ fn run_child(
     stem: &str,
 ) -> Result<ImplResult> {
     let name = implementation.name();
-    let other_cores = wait_for_quiet(name, params)?;
+    let other_cores = wait_for_quiet(name, params.quiet_wait_secs, params.quiet_cores)?;
     let result = dir.join(format!("{stem}.{name}.json"));
     let _ = std::fs::remove_file(&result);
     let exe = std::env::current_exe().context("path of this executable")?;
@@ -253,7 +330,7 @@ fn run_memory_child(
     stem: &str,
 ) -> Result<memory::FullMeshMemory> {
     let name = implementation.name();
-    wait_for_quiet(name, params)?;
+    wait_for_quiet(name, params.quiet_wait_secs, params.quiet_cores)?;
     let result = dir.join(format!("{stem}.{name}.full-mesh.json"));
     let _ = std::fs::remove_file(&result);
     let exe = std::env::current_exe().context("path of this executable")?;
@@ -296,15 +373,15 @@ fn memory_child(implementation: Implementation, params: &Params) -> Result<memor
 }
 
 /// Waits until other processes use at most `quiet_cores` (measured over 2 s, while
-/// this process sleeps), or `quiet_wait_secs` passed; returns the last measurement.
-fn wait_for_quiet(name: &str, params: &Params) -> Result<f64> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(params.quiet_wait_secs);
+/// this process sleeps), or `wait_secs` passed; returns the last measurement.
+fn wait_for_quiet(name: &str, wait_secs: u64, quiet_cores: f64) -> Result<f64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(wait_secs);
     let window = Duration::from_secs(2);
     loop {
         let before = process::machine_busy_seconds()?;
         std::thread::sleep(window);
         let others = (process::machine_busy_seconds()? - before) / window.as_secs_f64();
-        if others <= params.quiet_cores {
+        if others <= quiet_cores {
             return Ok(others);
         }
         if std::time::Instant::now() >= deadline {

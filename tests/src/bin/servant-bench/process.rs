@@ -133,3 +133,37 @@ impl Machine {
         }
     }
 }
+
+/// User plus system CPU seconds another process (all its threads) has used so far:
+/// `utime` and `stime` of `/proc/<pid>/stat`, in clock ticks.
+pub fn pid_cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    // The command name (field 2) is in parentheses and may hold spaces or ')':
+    // fields are counted from after the last ')'.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("no command name in {path}"))?;
+    // After the name: state is field 3, utime field 14, stime field 15.
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| -> Result<f64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("field {} missing in {path}", i + 3))
+    };
+    let (utime, stime) = (tick(11)?, tick(12)?);
+    Ok((utime + stime) / clock_ticks_per_second())
+}
+
+/// `sysconf(_SC_CLK_TCK)`, the unit of `/proc/<pid>/stat`'s times (100 on Linux).
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf takes a constant and reads no memory of ours.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}

@@ -244,7 +244,8 @@ pub fn compare(
     ]
 }
 
-fn number(v: f64) -> String {
+/// A figure with as many digits as are worth reading.
+pub fn number(v: f64) -> String {
     if v == 0.0 {
         "0".into()
     } else if v.abs() >= 100.0 {
@@ -258,38 +259,84 @@ fn number(v: f64) -> String {
     }
 }
 
+/// One table row: the metric with its unit, Servant's figure, the reference figure,
+/// their ratio, the target and the verdict.
+pub fn cells(
+    metric: &str,
+    unit: &str,
+    value: f64,
+    reference: f64,
+    ratio: Option<f64>,
+    target: &str,
+    pass: Option<bool>,
+) -> [String; 6] {
+    let unit = if unit.is_empty() {
+        String::new()
+    } else {
+        format!(" ({unit})")
+    };
+    [
+        format!("{metric}{unit}"),
+        number(value),
+        number(reference),
+        ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+        if target.is_empty() {
+            "-".into()
+        } else {
+            target.into()
+        },
+        match pass {
+            Some(true) => "PASS".into(),
+            Some(false) => "FAIL".into(),
+            None => String::new(),
+        },
+    ]
+}
+
+/// Writes `lines` (the first is the header) as aligned columns, text left and
+/// numbers right, with a rule under the header.
+pub fn write_table(out: &mut String, lines: &[[String; 6]]) {
+    let mut widths = [0usize; 6];
+    for line in lines {
+        for (w, cell) in widths.iter_mut().zip(line) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    for (i, line) in lines.iter().enumerate() {
+        let cells: Vec<String> = line
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(c, (cell, w))| {
+                if c == 0 || c >= 4 {
+                    format!("{cell:<w$}")
+                } else {
+                    format!("{cell:>w$}")
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
+        if i == 0 {
+            let total = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
+            let _ = writeln!(out, "{}", "-".repeat(total));
+        }
+    }
+}
+
 /// The human table.
 pub fn table(report: &Report) -> String {
     let header = ["metric", "Servant", "baseline", "ratio", "target", "result"];
     let mut lines: Vec<[String; 6]> = vec![header.map(String::from)];
     for row in &report.comparison {
-        let unit = if row.unit.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", row.unit)
-        };
-        lines.push([
-            format!("{}{unit}", row.metric),
-            number(row.servant),
-            number(row.baseline),
-            row.ratio.map_or("-".into(), |r| format!("{r:.2}x")),
-            if row.target.is_empty() {
-                "-".into()
-            } else {
-                row.target.into()
-            },
-            match row.pass {
-                Some(true) => "PASS".into(),
-                Some(false) => "FAIL".into(),
-                None => String::new(),
-            },
-        ]);
-    }
-    let mut widths = [0usize; 6];
-    for line in &lines {
-        for (w, cell) in widths.iter_mut().zip(line) {
-            *w = (*w).max(cell.len());
-        }
+        lines.push(cells(
+            row.metric,
+            row.unit,
+            row.servant,
+            row.baseline,
+            row.ratio,
+            row.target,
+            row.pass,
+        ));
     }
     let p = &report.params;
     let m = &report.machine;
@@ -349,25 +396,7 @@ pub fn table(report: &Report) -> String {
         }
     }
     let _ = writeln!(out);
-    for (i, line) in lines.iter().enumerate() {
-        let cells: Vec<String> = line
-            .iter()
-            .zip(widths)
-            .enumerate()
-            .map(|(c, (cell, w))| {
-                if c == 0 || c >= 4 {
-                    format!("{cell:<w$}")
-                } else {
-                    format!("{cell:>w$}")
-                }
-            })
-            .collect();
-        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
-        if i == 0 {
-            let total = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
-            let _ = writeln!(out, "{}", "-".repeat(total));
-        }
-    }
+    write_table(&mut out, &lines);
     let _ = writeln!(
         out,
         "\n{}",

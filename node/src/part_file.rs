@@ -1,0 +1,143 @@
+//! Writing a single-file fetch straight to its output while the chunks arrive.
+//!
+//! Without this, a fetch would write every chunk twice in sequence: into the store
+//! as it arrives, then again into the output, read back and hashed once more, after
+//! the last chunk. Here each verified chunk also goes to its offset in
+//! `<out>.servant-part`, so completion is an fsync and a rename.
+//!
+//! The store stays the record of what is verified: a part file left by a killed
+//! node may hold a chunk half-written, so a resumed fetch starts a new part file and
+//! copies the chunks the store already holds into it.
+
+use std::{
+    fs::{File, OpenOptions},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+};
+
+use crate::store::{io_err, remove_any, sync_dir, with_suffix, StoreError, PART_SUFFIX};
+
+/// An output file being filled chunk by chunk.
+#[derive(Debug)]
+pub struct PartFile {
+    file: File,
+    part: PathBuf,
+    out: PathBuf,
+}
+
+impl PartFile {
+    /// Starts `<out>.servant-part`, sized to `size` bytes. Refuses an existing `out`
+    /// unless `overwrite`, before any byte is fetched, and refuses to replace a
+    /// directory with a file.
+    pub fn create(out: &Path, size: u64, overwrite: bool) -> Result<Self, StoreError> {
+        match std::fs::symlink_metadata(out) {
+            Ok(meta) if meta.is_dir() => {
+                return Err(StoreError::AlreadyExists(out.to_path_buf()));
+            }
+            Ok(_) if !overwrite => return Err(StoreError::AlreadyExists(out.to_path_buf())),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("checking output {}", out.display()), e)),
+        }
+        let part = with_suffix(out, PART_SUFFIX);
+        remove_any(&part).map_err(|e| io_err(format!("removing stale {}", part.display()), e))?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&part)
+            .map_err(|e| io_err(format!("creating {}", part.display()), e))?;
+        file.set_len(size)
+            .map_err(|e| io_err(format!("sizing {}", part.display()), e))?;
+        Ok(PartFile {
+            file,
+            part,
+            out: out.to_path_buf(),
+        })
+    }
+
+    /// Writes a verified chunk at its offset.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| io_err(format!("writing {}", self.part.display()), e))
+    }
+
+    /// Makes the file durable and moves it to its output path.
+    pub fn finish(&self) -> Result<PathBuf, StoreError> {
+        self.file
+            .sync_data()
+            .map_err(|e| io_err(format!("syncing {}", self.part.display()), e))?;
+        std::fs::rename(&self.part, &self.out).map_err(|e| {
+            io_err(
+                format!("renaming {} to {}", self.part.display(), self.out.display()),
+                e,
+            )
+        })?;
+        if let Some(parent) = self.out.parent() {
+            sync_dir(if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            });
+        }
+        tracing::info!(out = %self.out.display(), "wrote fetched content");
+        Ok(self.out.clone())
+    }
+
+    /// Removes the part file: the store keeps the verified chunks for a resume.
+    pub fn abandon(&self) {
+        if let Err(e) = remove_any(&self.part) {
+            tracing::warn!(path = %self.part.display(), error = %e, "could not remove partial output");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_land_at_their_offsets_and_finish_renames() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.bin");
+        let part = PartFile::create(&out, 6, false).unwrap();
+        part.write_at(3, b"def").unwrap();
+        part.write_at(0, b"abc").unwrap();
+        assert!(!out.exists());
+        part.finish().unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"abcdef");
+        assert!(!with_suffix(&out, PART_SUFFIX).exists());
+    }
+
+    #[test]
+    fn an_existing_output_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("taken");
+        std::fs::write(&out, b"keep me").unwrap();
+        assert!(matches!(
+            PartFile::create(&out, 3, false),
+            Err(StoreError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            PartFile::create(dir.path(), 3, true),
+            Err(StoreError::AlreadyExists(_))
+        ));
+        let part = PartFile::create(&out, 3, true).unwrap();
+        part.write_at(0, b"new").unwrap();
+        part.finish().unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"new");
+    }
+
+    #[test]
+    fn abandon_leaves_no_part_file_and_a_stale_one_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("x");
+        let stale = with_suffix(&out, PART_SUFFIX);
+        std::fs::write(&stale, b"half-written garbage").unwrap();
+        let part = PartFile::create(&out, 4, false).unwrap();
+        assert_eq!(std::fs::metadata(&stale).unwrap().len(), 4);
+        part.abandon();
+        assert!(!stale.exists());
+        assert!(!out.exists());
+    }
+}

@@ -1,0 +1,193 @@
+//! Servant's AutoNAT v2 client: asks one server to dial one of our addresses back,
+//! and answers the dial-backs that arrive on new connections.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::{AsyncWriteExt, StreamExt};
+use libp2p::{Multiaddr, PeerId};
+use libp2p_stream::Control;
+
+use super::{
+    verdict::ProbeResult,
+    wire::{self, dial_status, response_status, Message, Msg},
+};
+
+/// How long a probe may take, dial-back included.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a dial-back stream may take to deliver its nonce.
+const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Dial-back streams handled at once; more are dropped (only our own probes'
+/// servers have a reason to send one).
+const MAX_DIAL_BACKS_IN_FLIGHT: usize = 32;
+
+/// How a probe ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// The server tested the address.
+    Verdict(ProbeResult),
+    /// No verdict: the server refused, failed, lied or went away.
+    NoVerdict(String),
+}
+
+/// The nonces of probes under way, and whether their dial-back arrived.
+#[derive(Debug, Clone, Default)]
+pub struct DialBacks {
+    pending: Arc<Mutex<HashMap<u64, bool>>>,
+}
+
+impl DialBacks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, bool>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn expect(&self, nonce: u64) {
+        self.lock().insert(nonce, false);
+    }
+
+    /// Marks a nonce received; false if no probe waits for it.
+    fn arrived(&self, nonce: u64) -> bool {
+        match self.lock().get_mut(&nonce) {
+            Some(received) => {
+                *received = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn take(&self, nonce: u64) -> bool {
+        self.lock().remove(&nonce).unwrap_or(false)
+    }
+}
+
+/// Asks `server` to dial us back at `addr`.
+pub async fn probe(
+    mut control: Control,
+    dial_backs: DialBacks,
+    server: PeerId,
+    addr: Multiaddr,
+    nonce: u64,
+) -> ProbeOutcome {
+    dial_backs.expect(nonce);
+    let outcome = tokio::time::timeout(PROBE_TIMEOUT, exchange(&mut control, server, &addr, nonce))
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()));
+    let received = dial_backs.take(nonce);
+    match outcome {
+        Ok(dial_status::OK) if received => ProbeOutcome::Verdict(ProbeResult::Reached),
+        // A server that claims a dial-back we never saw is wrong or lying: ignore it.
+        Ok(dial_status::OK) => {
+            ProbeOutcome::NoVerdict("server reported a dial-back that never arrived".into())
+        }
+        Ok(dial_status::DIAL_ERROR) => {
+            ProbeOutcome::Verdict(ProbeResult::Unreachable("the server's dial failed".into()))
+        }
+        Ok(other) => ProbeOutcome::NoVerdict(format!("dial status {other}")),
+        Err(e) => ProbeOutcome::NoVerdict(e),
+    }
+}
+
+/// The dial-request exchange; returns the server's dial status.
+async fn exchange(
+    control: &mut Control,
+    server: PeerId,
+    addr: &Multiaddr,
+    nonce: u64,
+) -> Result<i32, String> {
+    let mut stream = control
+        .open_stream(server, wire::DIAL_REQUEST_PROTOCOL)
+        .await
+        .map_err(|e| e.to_string())?;
+    let request = Message {
+        msg: Some(Msg::DialRequest(wire::DialRequest {
+            addrs: vec![addr.to_vec()],
+            nonce,
+        })),
+    };
+    wire::write(&mut stream, &request)
+        .await
+        .map_err(|e| format!("sending the request: {e}"))?;
+    let mut sent_data: u64 = 0;
+    loop {
+        let msg: Message = wire::read(&mut stream, wire::MAX_MESSAGE_BYTES)
+            .await
+            .map_err(|e| format!("reading the response: {e}"))?;
+        match msg.msg {
+            Some(Msg::DialDataRequest(req)) => {
+                sent_data += req.num_bytes;
+                if sent_data > wire::MAX_DATA_REQUESTED {
+                    return Err(format!("server wants {sent_data} bytes of data"));
+                }
+                let mut left = req.num_bytes;
+                while left > 0 {
+                    let n = left.min(wire::DATA_CHUNK as u64);
+                    let data = Message {
+                        msg: Some(Msg::DialDataResponse(wire::DialDataResponse {
+                            data: vec![0; n as usize],
+                        })),
+                    };
+                    wire::write(&mut stream, &data)
+                        .await
+                        .map_err(|e| format!("sending data: {e}"))?;
+                    left -= n;
+                }
+            }
+            Some(Msg::DialResponse(resp)) => {
+                let _ = stream.close().await;
+                if resp.status != response_status::OK {
+                    return Err(match resp.status {
+                        response_status::REQUEST_REJECTED => "request rejected".into(),
+                        response_status::DIAL_REFUSED => "dial refused".into(),
+                        response_status::INTERNAL_ERROR => "server error".into(),
+                        s => format!("response status {s}"),
+                    });
+                }
+                return Ok(resp.dial_status);
+            }
+            _ => return Err("unexpected message".into()),
+        }
+    }
+}
+
+/// Answers dial-backs for as long as the node runs.
+pub async fn serve_dial_backs(mut control: Control, dial_backs: DialBacks) {
+    let mut incoming = match control.accept(wire::DIAL_BACK_PROTOCOL) {
+        Ok(incoming) => incoming,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot accept AutoNAT dial-backs");
+            return;
+        }
+    };
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_DIAL_BACKS_IN_FLIGHT));
+    while let Some((peer, mut stream)) = incoming.next().await {
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "too many dial-backs at once; dropped one");
+            continue;
+        };
+        let dial_backs = dial_backs.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let got = tokio::time::timeout(
+                DIAL_BACK_TIMEOUT,
+                wire::read::<wire::DialBack>(&mut stream, wire::MAX_DIAL_BACK_BYTES),
+            )
+            .await;
+            match got {
+                Ok(Ok(back)) if dial_backs.arrived(back.nonce) => {
+                    let ok = wire::DialBackResponse { status: 0 };
+                    let _ = wire::write(&mut stream, &ok).await;
+                    let _ = stream.close().await;
+                }
+                Ok(Ok(_)) => tracing::debug!(%peer, "dial-back with an unknown nonce"),
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "bad dial-back"),
+                Err(_) => tracing::debug!(%peer, "dial-back timed out"),
+            }
+        });
+    }
+}

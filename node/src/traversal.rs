@@ -1,0 +1,428 @@
+//! NAT traversal in one place: the reachability verdict, the role it implies,
+//! relay reservations for NATed peers, and hole-punch bookkeeping.
+//!
+//! The event loop hands every related event here, as it does file events to
+//! `files`. This module decides; libp2p's relay, relay client and DCUtR behaviours
+//! do the protocol work.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use libp2p::{
+    core::transport::ListenerId, dcutr, identify, kad, multiaddr::Protocol, relay, swarm::Swarm,
+    Multiaddr, PeerId,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::{
+    behaviour::Behaviour,
+    config::Config,
+    metrics::{NatMetrics, ReasonLabel},
+    reach::{self, verdict::Reachability, ProbeReport, Reach},
+    relays::{Relays, ReservationView},
+    role::{self, Role, RoleSetting},
+};
+
+/// Hole-punch outcomes kept for `servant doctor`.
+const RECENT_HOLEPUNCHES: usize = 16;
+
+/// One address's evidence, for the API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CandidateView {
+    /// The address.
+    pub addr: String,
+    /// Peers whose dial-back reached it this round.
+    pub reached_by: Vec<String>,
+    /// Peers that could not reach it this round, with their error.
+    pub failed_from: Vec<(String, String)>,
+    /// Confirmed reachable (this round or an earlier one).
+    pub confirmed: bool,
+}
+
+/// A hole punch, for `servant doctor`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HolePunchView {
+    /// The remote peer.
+    pub peer: String,
+    /// Whether a direct connection resulted.
+    pub success: bool,
+    /// The error when it failed.
+    pub error: Option<String>,
+    /// Milliseconds from the relayed connection to the outcome, when known.
+    pub after_ms: Option<u64>,
+    /// Unix time of the outcome, in seconds.
+    pub at: u64,
+}
+
+/// Reachability, role and relays, for `servant status`, `/v1/reach` and `doctor`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReachView {
+    /// `public`, `private` or `unknown`.
+    pub reachability: Reachability,
+    /// Why.
+    pub reason: String,
+    /// `super`, `peer` or `undecided`.
+    pub role: Role,
+    /// What the operator asked for.
+    pub role_setting: RoleSetting,
+    /// Addresses confirmed reachable.
+    pub confirmed_addrs: Vec<String>,
+    /// Candidate addresses and the current round's evidence.
+    pub candidates: Vec<CandidateView>,
+    /// Relay reservations held (peers only).
+    pub reservations: Vec<ReservationView>,
+    /// Reservations this node's relay holds for others (super-peers).
+    pub reservations_served: u64,
+    /// Recent hole punches, newest last.
+    pub holepunches: Vec<HolePunchView>,
+    /// Probe rounds started.
+    pub rounds: u64,
+}
+
+/// The NAT-traversal state of the node.
+pub struct Traversal {
+    reach: Reach,
+    relays: Relays,
+    setting: RoleSetting,
+    first_node: bool,
+    role: Option<Role>,
+    metrics: NatMetrics,
+    /// External addresses this module added, so it removes only its own.
+    added_external: HashSet<Multiaddr>,
+    /// When each peer's relayed connection opened, to time the move to direct.
+    relayed_since: HashMap<PeerId, Instant>,
+    holepunches: VecDeque<HolePunchView>,
+    reservations_served: u64,
+}
+
+impl Traversal {
+    /// Starts probing; probe reports arrive on the returned receiver and go to
+    /// [`Traversal::on_report`].
+    pub fn new(
+        swarm: &mut Swarm<Behaviour>,
+        config: &Config,
+        metrics: NatMetrics,
+        first_node: bool,
+    ) -> (Self, mpsc::UnboundedReceiver<ProbeReport>) {
+        let control = swarm.behaviour().stream.new_control();
+        let (reach, reports) = Reach::new(control, config.reach_probe_interval.get());
+        let mut traversal = Traversal {
+            reach,
+            relays: Relays::default(),
+            setting: config.role,
+            first_node,
+            role: None,
+            metrics,
+            added_external: HashSet::new(),
+            relayed_since: HashMap::new(),
+            holepunches: VecDeque::new(),
+            reservations_served: 0,
+        };
+        for addr in &config.announce {
+            traversal.reach.candidate(addr.clone());
+        }
+        traversal.apply_role(swarm);
+        (traversal, reports)
+    }
+
+    /// The current role.
+    pub fn role(&self) -> Role {
+        self.role.unwrap_or(Role::Undecided)
+    }
+
+    /// The current verdict.
+    pub fn reachability(&self) -> Reachability {
+        self.reach.verdict().status()
+    }
+
+    /// A peer identified itself.
+    pub fn on_identify(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        info: &identify::Info,
+    ) {
+        self.reach.identified(peer, &info.protocols);
+        self.relays
+            .identified(swarm, peer, &info.protocols, info.listen_addrs.clone());
+    }
+
+    /// The swarm has a new guess at our public address: what a peer observed us
+    /// dialing from, with the port translated to our listen port when the
+    /// connection did not reuse it (identify does the translation).
+    pub fn on_external_candidate(&mut self, addr: &Multiaddr) {
+        if worth_probing(addr) {
+            self.reach.candidate(addr.clone());
+        }
+    }
+
+    /// A listener reported an address.
+    pub fn on_new_listen_addr(&mut self, listener: ListenerId, addr: &Multiaddr) {
+        self.relays.on_new_listen_addr(listener, addr);
+        if worth_probing(addr) {
+            self.reach.candidate(addr.clone());
+        }
+    }
+
+    /// A listener closed.
+    pub fn on_listener_closed(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        listener: ListenerId,
+        reason: &str,
+    ) {
+        if self.relays.on_listener_closed(swarm, listener, reason) {
+            self.metrics
+                .reservations_replaced
+                .inner()
+                .store(self.relays.replaced, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// A connection opened; the peer has `count` connections now.
+    pub fn on_established(&mut self, peer: PeerId, addr: &Multiaddr, count: u32) {
+        self.reach.connections(peer, count);
+        if crate::addr::is_relayed(addr) {
+            self.relayed_since.entry(peer).or_insert_with(Instant::now);
+        }
+    }
+
+    /// A connection closed; `remaining` connections to the peer are left.
+    pub fn on_closed(&mut self, peer: PeerId, remaining: u32) {
+        self.reach.connections(peer, remaining);
+        if remaining == 0 {
+            self.relays.disconnected(&peer);
+            self.relayed_since.remove(&peer);
+        }
+    }
+
+    /// A ping answered.
+    pub fn on_rtt(&mut self, peer: PeerId, rtt: Duration) {
+        self.relays.rtt(peer, rtt);
+    }
+
+    /// Our AutoNAT server's events.
+    pub fn on_autonat(&mut self, event: reach::server::Event) {
+        let reason = match event {
+            reach::server::Event::Served(e) if e.result.is_ok() => "ok",
+            reach::server::Event::Served(_) => "error",
+            reach::server::Event::Throttled { .. } => "throttled",
+        };
+        self.metrics
+            .dial_backs_served
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Our relay server's events.
+    pub fn on_relay(&mut self, event: relay::Event) {
+        match event {
+            relay::Event::ReservationReqAccepted {
+                renewed: false,
+                src_peer_id,
+                ..
+            } => {
+                tracing::debug!(peer = %src_peer_id, "relay reservation served");
+                self.reservations_served += 1;
+            }
+            relay::Event::ReservationClosed { .. } | relay::Event::ReservationTimedOut { .. } => {
+                self.reservations_served = self.reservations_served.saturating_sub(1);
+            }
+            relay::Event::ReservationReqDenied { .. } => {
+                self.metrics
+                    .relay_denied
+                    .get_or_create(&ReasonLabel {
+                        reason: "reservation",
+                    })
+                    .inc();
+            }
+            relay::Event::CircuitReqDenied { .. } => {
+                self.metrics
+                    .relay_denied
+                    .get_or_create(&ReasonLabel { reason: "circuit" })
+                    .inc();
+            }
+            relay::Event::CircuitReqAccepted { .. } => {
+                self.metrics.circuits_served.inc();
+            }
+            relay::Event::CircuitClosed { .. } => {
+                self.metrics.circuits_served.dec();
+            }
+            _ => {}
+        }
+        self.metrics
+            .reservations_served
+            .set(self.reservations_served as i64);
+    }
+
+    /// Our relay client's events.
+    pub fn on_relay_client(&mut self, event: relay::client::Event) {
+        self.relays.on_client_event(&event);
+        self.metrics
+            .reservations_held
+            .set(self.relays.accepted() as i64);
+    }
+
+    /// A hole punch ended.
+    pub fn on_dcutr(&mut self, event: dcutr::Event) {
+        let peer = event.remote_peer_id;
+        self.metrics.holepunch_attempts.inc();
+        let after = self.relayed_since.get(&peer).map(|t| t.elapsed());
+        let (success, error) = match &event.result {
+            Ok(_) => (true, None),
+            Err(e) => (false, Some(e.to_string())),
+        };
+        if success {
+            if let Some(after) = after {
+                self.metrics.time_to_direct.observe(after.as_secs_f64());
+            }
+            tracing::info!(%peer, after_ms = after.map(|a| a.as_millis() as u64), "hole punch succeeded: direct connection");
+        } else {
+            tracing::info!(%peer, error = error.as_deref().unwrap_or(""), "hole punch failed");
+        }
+        self.metrics
+            .holepunch_results
+            .get_or_create(&ReasonLabel {
+                reason: if success { "direct" } else { "failed" },
+            })
+            .inc();
+        if self.holepunches.len() >= RECENT_HOLEPUNCHES {
+            self.holepunches.pop_front();
+        }
+        self.holepunches.push_back(HolePunchView {
+            peer: peer.to_string(),
+            success,
+            error,
+            after_ms: after.map(|a| a.as_millis() as u64),
+            at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        });
+    }
+
+    /// A probe ended.
+    pub fn on_report(&mut self, swarm: &mut Swarm<Behaviour>, report: ProbeReport) {
+        let change = self.reach.on_report(report);
+        for outcome in self.reach.outcomes.drain(..) {
+            self.metrics
+                .probes
+                .get_or_create(&ReasonLabel { reason: outcome })
+                .inc();
+        }
+        self.sync_external(swarm);
+        if let Some(change) = change {
+            tracing::info!(
+                from = change.from.as_str(),
+                to = change.to.as_str(),
+                reason = %change.reason,
+                "reachability changed"
+            );
+            self.apply_role(swarm);
+        }
+    }
+
+    /// Periodic work.
+    pub fn tick(&mut self, swarm: &mut Swarm<Behaviour>, now: Instant) {
+        self.reach.tick(now);
+        self.relays.tick(swarm, now);
+        self.metrics
+            .reservations_held
+            .set(self.relays.accepted() as i64);
+    }
+
+    /// Announces confirmed addresses and withdraws refuted ones.
+    fn sync_external(&mut self, swarm: &mut Swarm<Behaviour>) {
+        let confirmed: HashSet<Multiaddr> = self.reach.verdict().confirmed().cloned().collect();
+        for addr in &confirmed {
+            if self.added_external.insert(addr.clone()) {
+                tracing::info!(%addr, "address confirmed reachable; announcing it");
+                swarm.add_external_address(addr.clone());
+            }
+        }
+        let gone: Vec<Multiaddr> = self
+            .added_external
+            .iter()
+            .filter(|a| !confirmed.contains(*a))
+            .cloned()
+            .collect();
+        for addr in gone {
+            tracing::info!(%addr, "address no longer reachable; withdrawing it");
+            swarm.remove_external_address(&addr);
+            self.added_external.remove(&addr);
+        }
+    }
+
+    /// Puts the role the setting and the verdict call for into effect.
+    fn apply_role(&mut self, swarm: &mut Swarm<Behaviour>) {
+        let verdict = self.reach.verdict().status();
+        let role = role::decide(self.setting, verdict, self.first_node);
+        self.metrics.set_state(verdict.as_str(), role.as_str());
+        if self.role == Some(role) {
+            return;
+        }
+        let from = self.role.map_or("none", Role::as_str);
+        tracing::info!(
+            from,
+            to = role.as_str(),
+            reachability = verdict.as_str(),
+            "role changed"
+        );
+        self.role = Some(role);
+        let behaviour = swarm.behaviour_mut();
+        behaviour.kad.set_mode(Some(match role {
+            Role::Peer => kad::Mode::Client,
+            Role::Super | Role::Undecided => kad::Mode::Server,
+        }));
+        behaviour.relay.set_status(Some(match role {
+            Role::Super => relay::Status::Enable,
+            Role::Peer | Role::Undecided => relay::Status::Disable,
+        }));
+        self.relays.set_active(swarm, role == Role::Peer);
+    }
+
+    /// Everything, for the API.
+    pub fn view(&self) -> ReachView {
+        let verdict = self.reach.verdict();
+        ReachView {
+            reachability: verdict.status(),
+            reason: verdict.reason().to_string(),
+            role: self.role(),
+            role_setting: self.setting,
+            confirmed_addrs: verdict.confirmed().map(|a| a.to_string()).collect(),
+            candidates: verdict
+                .evidence()
+                .map(|(addr, e)| CandidateView {
+                    addr: addr.to_string(),
+                    reached_by: e.reached_by.iter().cloned().collect(),
+                    failed_from: e
+                        .failed_from
+                        .iter()
+                        .map(|(p, err)| (p.clone(), err.clone()))
+                        .collect(),
+                    confirmed: e.confirmed,
+                })
+                .collect(),
+            reservations: self.relays.views(),
+            reservations_served: self.reservations_served,
+            holepunches: self.holepunches.iter().cloned().collect(),
+            rounds: verdict.round(),
+        }
+    }
+}
+
+/// Whether an address is worth asking others to dial: not a relayed one, not an
+/// unspecified one.
+fn worth_probing(addr: &Multiaddr) -> bool {
+    !crate::addr::is_relayed(addr)
+        && crate::addr::is_dialable(addr)
+        && !addr.iter().any(|p| {
+            matches!(
+                p,
+                Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_) | Protocol::Dnsaddr(_)
+            )
+        })
+}
