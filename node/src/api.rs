@@ -187,6 +187,7 @@ fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/status", get(status))
         .route("/peers", get(peers))
+        .route("/reach", get(reach))
         .route("/connect", post(connect))
         .route("/bans", get(bans))
         .route("/ban", post(ban))
@@ -309,6 +310,13 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn status(State(state): State<AppState>) -> Response {
     match within(state.client.status()).await {
+        Ok(v) => Json(v).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn reach(State(state): State<AppState>) -> Response {
+    match within(state.client.reach()).await {
         Ok(v) => Json(v).into_response(),
         Err(r) => r,
     }

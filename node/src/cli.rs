@@ -51,6 +51,8 @@ enum Cmd {
     Status(ApiArgs),
     /// List connected peers.
     Peers(ApiArgs),
+    /// Explain this node's connectivity in plain words, and what to do about it.
+    Doctor(ApiArgs),
     /// Dial a peer by multiaddr or PeerId and keep the connection.
     Connect {
         /// A multiaddr (/ip4/.../tcp/4001/p2p/12D3...) or a PeerId.
@@ -549,6 +551,20 @@ async fn client_run(cmd: Cmd) -> Result<(), ClientError> {
                 println!("{raw}");
             } else {
                 print_status(&status);
+                let (reach, _): (crate::traversal::ReachView, _) = client.get("/v1/reach").await?;
+                print_reach(&reach);
+            }
+        }
+        Cmd::Doctor(api) => {
+            let client = ApiClient::new(&api)?;
+            let (status, _): (Status, _) = client.get("/v1/status").await?;
+            let (reach, raw): (crate::traversal::ReachView, _) = client.get("/v1/reach").await?;
+            if api.json {
+                println!("{raw}");
+            } else {
+                for line in crate::doctor::diagnose(&status, &reach) {
+                    println!("{line}");
+                }
             }
         }
         Cmd::Peers(api) => {
@@ -701,6 +717,34 @@ pub(crate) async fn for_each_line(
         }
     }
     Ok(())
+}
+
+fn print_reach(r: &crate::traversal::ReachView) {
+    println!("Reachability:  {} ({})", r.reachability.as_str(), r.reason);
+    for c in &r.candidates {
+        println!(
+            "  {}{}: reached by {}, failed from {}",
+            c.addr,
+            if c.confirmed { " (confirmed)" } else { "" },
+            c.reached_by.len(),
+            c.failed_from.len()
+        );
+    }
+    for res in &r.reservations {
+        println!(
+            "Relay:         {} {} {}",
+            res.relay,
+            if res.accepted {
+                "reserved"
+            } else {
+                "requesting"
+            },
+            res.addrs.join(" ")
+        );
+    }
+    if r.reservations_served > 0 {
+        println!("Relaying for:  {} reservations", r.reservations_served);
+    }
 }
 
 fn print_status(s: &Status) {

@@ -28,6 +28,8 @@ pub enum Command {
     Status(oneshot::Sender<Status>),
     /// Connected peers.
     Peers(oneshot::Sender<Vec<PeerView>>),
+    /// Reachability, role, relay reservations and hole punches.
+    Reach(oneshot::Sender<crate::traversal::ReachView>),
     /// Dial a peer and protect the connection from trimming.
     Connect {
         /// Whom to dial.
@@ -340,6 +342,11 @@ impl Client {
     /// The node's status.
     pub async fn status(&self) -> Result<Status, CommandError> {
         self.ask(Command::Status).await
+    }
+
+    /// Reachability, role, relays and hole punches.
+    pub async fn reach(&self) -> Result<crate::traversal::ReachView, CommandError> {
+        self.ask(Command::Reach).await
     }
 
     /// Connected peers.

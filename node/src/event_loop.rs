@@ -521,9 +521,9 @@ impl EventLoop {
                 since: now,
             },
         );
+        self.traversal.on_established(peer, &addr, num_established);
         if num_established == 1 {
             self.peer_manager.on_connected(peer, now);
-            self.traversal.on_established(peer, &addr, num_established);
             tracing::debug!(%peer, %addr, outbound, "connected");
             self.publish_health(None);
         }
@@ -580,6 +580,9 @@ impl EventLoop {
     /// by the smaller PeerId (among several such, the dialer keeps its oldest). Relayed
     /// connections are left alone.
     fn close_duplicates(&mut self, peer: PeerId) {
+        if self.traversal.is_relay(&peer) {
+            return;
+        }
         let Some(state) = self.peers.get(&peer) else {
             return;
         };
@@ -641,6 +644,7 @@ impl EventLoop {
         error: DialError,
     ) {
         let source = self.dial_sources.remove(&connection_id);
+        tracing::debug!(?peer, connection = ?connection_id, error = ?error, "dial failed");
         if let Some(reply) = self.pending_connects.remove(&connection_id) {
             let err = match &error {
                 DialError::Denied { cause } => CommandError::Denied(cause.to_string()),
@@ -1108,6 +1112,9 @@ impl EventLoop {
             }
             Command::Peers(reply) => {
                 let _ = reply.send(self.peer_views());
+            }
+            Command::Reach(reply) => {
+                let _ = reply.send(self.traversal.view());
             }
             Command::Connect { target, reply } => self.connect(target, reply),
             Command::Ban { target, reply } => {

@@ -26,6 +26,7 @@ pub mod codecs;
 pub mod config;
 pub mod datadir;
 pub mod deny;
+pub mod doctor;
 pub mod event_loop;
 pub mod fetch;
 pub mod files;

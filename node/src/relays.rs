@@ -242,6 +242,11 @@ impl Relays {
         true
     }
 
+    /// Whether `peer` is one of our relays (a reservation held or under way).
+    pub fn is_relay(&self, peer: &PeerId) -> bool {
+        self.held.contains_key(peer)
+    }
+
     /// Accepted reservations.
     pub fn accepted(&self) -> usize {
         self.held.values().filter(|r| r.accepted).count()

@@ -28,6 +28,8 @@ use crate::{
 
 /// Hole-punch outcomes kept for `servant doctor`.
 const RECENT_HOLEPUNCHES: usize = 16;
+/// Peers whose observation of our address is kept for `servant doctor`.
+const MAX_OBSERVERS: usize = 32;
 
 /// One address's evidence, for the API.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -80,6 +82,11 @@ pub struct ReachView {
     pub holepunches: Vec<HolePunchView>,
     /// Probe rounds started.
     pub rounds: u64,
+    /// What peers observed as our address (observer, address), most recent each:
+    /// the same outside port for every observer means a cone NAT, different ports
+    /// a symmetric one.
+    #[serde(default)]
+    pub observed: Vec<(String, String)>,
 }
 
 /// The NAT-traversal state of the node.
@@ -92,10 +99,16 @@ pub struct Traversal {
     metrics: NatMetrics,
     /// External addresses this module added, so it removes only its own.
     added_external: HashSet<Multiaddr>,
+    /// Listen addresses announced on no evidence, while the node is a super-peer by
+    /// decree (a first node, or `--role super`): a relay with no address to hand out
+    /// refuses every reservation.
+    assumed_external: HashSet<Multiaddr>,
     /// When each peer's relayed connection opened, to time the move to direct.
     relayed_since: HashMap<PeerId, Instant>,
     holepunches: VecDeque<HolePunchView>,
     reservations_served: u64,
+    /// Each observer's last observation of our address, oldest first.
+    observed: VecDeque<(PeerId, Multiaddr)>,
 }
 
 impl Traversal {
@@ -117,9 +130,11 @@ impl Traversal {
             role: None,
             metrics,
             added_external: HashSet::new(),
+            assumed_external: HashSet::new(),
             relayed_since: HashMap::new(),
             holepunches: VecDeque::new(),
             reservations_served: 0,
+            observed: VecDeque::new(),
         };
         for addr in &config.announce {
             traversal.reach.candidate(addr.clone());
@@ -131,6 +146,12 @@ impl Traversal {
     /// The current role.
     pub fn role(&self) -> Role {
         self.role.unwrap_or(Role::Undecided)
+    }
+
+    /// Whether `peer` relays for us: its connections are left alone, since the
+    /// reservation lives on one of them and we cannot tell which.
+    pub fn is_relay(&self, peer: &PeerId) -> bool {
+        self.relays.is_relay(peer)
     }
 
     /// The current verdict.
@@ -146,6 +167,13 @@ impl Traversal {
         info: &identify::Info,
     ) {
         self.reach.identified(peer, &info.protocols);
+        if !crate::addr::is_relayed(&info.observed_addr) {
+            self.observed.retain(|(p, _)| *p != peer);
+            if self.observed.len() >= MAX_OBSERVERS {
+                self.observed.pop_front();
+            }
+            self.observed.push_back((peer, info.observed_addr.clone()));
+        }
         self.relays
             .identified(swarm, peer, &info.protocols, info.listen_addrs.clone());
     }
@@ -382,6 +410,24 @@ impl Traversal {
             Role::Peer | Role::Undecided => relay::Status::Disable,
         }));
         self.relays.set_active(swarm, role == Role::Peer);
+        if role == Role::Super && self.added_external.is_empty() {
+            let listening: Vec<Multiaddr> = swarm
+                .listeners()
+                .filter(|a| worth_probing(a) && !crate::addr::is_link_local(a))
+                .cloned()
+                .collect();
+            for addr in listening {
+                if self.assumed_external.insert(addr.clone()) {
+                    swarm.add_external_address(addr);
+                }
+            }
+        } else if role != Role::Super {
+            for addr in self.assumed_external.drain() {
+                if !self.added_external.contains(&addr) {
+                    swarm.remove_external_address(&addr);
+                }
+            }
+        }
     }
 
     /// Everything, for the API.
@@ -410,6 +456,11 @@ impl Traversal {
             reservations_served: self.reservations_served,
             holepunches: self.holepunches.iter().cloned().collect(),
             rounds: verdict.round(),
+            observed: self
+                .observed
+                .iter()
+                .map(|(p, a)| (p.to_string(), a.to_string()))
+                .collect(),
         }
     }
 }

@@ -57,6 +57,9 @@ pub struct Reach {
     /// connection, and the per-peer connection limit (ours or the server's) would
     /// refuse it: the server would report a failed dial, a false "unreachable".
     crowded: HashSet<PeerId>,
+    /// Servers with a probe of ours under way: each dial-back is one more connection,
+    /// so a server gets one probe at a time.
+    probing: HashSet<PeerId>,
     /// Since when each peer has had a single connection.
     settled_since: std::collections::HashMap<PeerId, Instant>,
     /// Outcomes, for metrics: (`reached` | `unreachable` | `no_verdict`).
@@ -83,6 +86,7 @@ impl Reach {
                 last_round: Instant::now(),
                 servers: HashSet::new(),
                 crowded: HashSet::new(),
+                probing: HashSet::new(),
                 settled_since: std::collections::HashMap::new(),
                 outcomes: Vec::new(),
             },
@@ -145,6 +149,7 @@ impl Reach {
             .iter()
             .filter(|p| {
                 !self.crowded.contains(p)
+                    && !self.probing.contains(p)
                     && self
                         .settled_since
                         .get(p)
@@ -157,6 +162,8 @@ impl Reach {
             let Some((addr, server)) = self.verdict.next_probe(&servers) else {
                 return;
             };
+            servers.retain(|s| *s != server);
+            self.probing.insert(server);
             self.in_flight += 1;
             let (control, dial_backs) = (self.control.clone(), self.dial_backs.clone());
             let reports = self.reports.clone();
@@ -181,6 +188,7 @@ impl Reach {
             server,
             outcome,
         } = report;
+        self.probing.remove(&server);
         let change = match outcome {
             ProbeOutcome::Verdict(result) => {
                 self.outcomes.push(match result {

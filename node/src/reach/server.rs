@@ -1,4 +1,4 @@
-//! libp2p's AutoNAT v2 server behind a budget.
+//! libp2p's AutoNAT v2 server behind a budget, serving on every connection.
 //!
 //! Every node serves dial-backs, so that even a new network can confirm its first
 //! nodes. libp2p's server dials whatever it is asked to, as often as it is asked;
@@ -6,6 +6,10 @@
 //! and [`TOTAL_PER_MINUTE`] in all. A request over budget is dropped before its dial:
 //! the client is told "internal error", which a client takes as no verdict rather
 //! than as "unreachable".
+//!
+//! libp2p's server answers dial requests only on connections it accepted; this one
+//! answers on connections it dialed too (see `handle_established_outbound_connection`),
+//! since which of two peers' connections survives is not the client's choice.
 
 use std::{
     collections::HashMap,
@@ -164,13 +168,25 @@ impl NetworkBehaviour for Behaviour {
         role_override: Endpoint,
         port_use: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.inner.handle_established_outbound_connection(
+        let handler = self.inner.handle_established_outbound_connection(
             connection_id,
             peer,
             addr,
             role_override,
             port_use,
-        )
+        )?;
+        match handler {
+            // A connection we dialed for no dial-back: libp2p's server would give it
+            // a handler that refuses dial requests, so a peer we dialed (and whose
+            // own dial to us was closed as a duplicate) could never ask us. Serve
+            // requests on it as on an accepted one, with the address we dialed as
+            // the one we observe.
+            Either::Left(Either::Right(_idle)) => {
+                self.inner
+                    .handle_established_inbound_connection(connection_id, peer, addr, addr)
+            }
+            dial_back => Ok(dial_back),
+        }
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
