@@ -8,6 +8,7 @@
 
 pub mod file_peer;
 pub mod gossip_peer;
+pub mod natlab;
 
 use std::{
     collections::HashSet,
