@@ -87,7 +87,10 @@ pub struct Lab {
 impl Lab {
     /// A public segment, empty. `dir` receives the logs of processes run in the lab.
     pub fn new(dir: &Path) -> Result<Lab> {
-        let prefix = format!("sl{}", std::process::id() % 100_000);
+        // Unique per lab: tests of one binary run in parallel in one process.
+        static LABS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("sl{}{n}", std::process::id() % 10_000);
         // Leftovers of an earlier run with the same pid.
         for ns in sh(&["ip", "netns", "list"])?.lines() {
             let name = ns.split_whitespace().next().unwrap_or_default();
@@ -288,6 +291,39 @@ impl Lab {
         ])?;
         sh(&[
             "ip", "netns", "exec", &r, "iptables", "-I", "FORWARD", "1", "-i", "wan", "-p", proto,
+            "--dport", &port, "-j", "ACCEPT",
+        ])?;
+        Ok(())
+    }
+
+    /// Removes the port forward [`Lab::forward`] added.
+    pub fn unforward(&self, router: &str, net: u8, proto: &str, port: u16) -> Result<()> {
+        let r = self.ns(router);
+        let to = format!("10.{net}.0.2:{port}");
+        let port = port.to_string();
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &r,
+            "iptables",
+            "-t",
+            "nat",
+            "-D",
+            "PREROUTING",
+            "-i",
+            "wan",
+            "-p",
+            proto,
+            "--dport",
+            &port,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &to,
+        ])?;
+        sh(&[
+            "ip", "netns", "exec", &r, "iptables", "-D", "FORWARD", "-i", "wan", "-p", proto,
             "--dport", &port, "-j", "ACCEPT",
         ])?;
         Ok(())

@@ -3,12 +3,12 @@
 //! a relayed connection between two NATed peers becomes a direct one by hole
 //! punching (see `servant_tests::natlab` for the lab).
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use servant::{client::PeerView, traversal::ReachView};
 use servant_tests::{
-    eventually, in_ci,
+    eventually,
     natlab::{self, Lab, Nat},
     run_cli, servant_bin, skip_unless,
 };
@@ -42,19 +42,99 @@ async fn natted_peers_go_private_reserve_relays_and_hole_punch() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut lab = Lab::new(dir.path())?;
     let result = scenario(&mut lab, dir.path()).await;
-    if result.is_err() {
-        for name in ["boot", "s1", "s2", "s3", "pa", "pb"] {
-            eprintln!("----- {name} -----\n{}", lab.log_tail(name, 40));
-        }
-        if in_ci() {
-            let kept = dir.keep();
-            eprintln!("lab logs kept in {}", kept.display());
-        }
-    }
+    report(&lab, dir, &result, &["boot", "s1", "s2", "s3", "pa", "pb"]);
     result
 }
 
-async fn scenario(lab: &mut Lab, dir: &std::path::Path) -> Result<()> {
+/// On failure, prints the lab's logs and keeps them.
+fn report(lab: &Lab, dir: tempfile::TempDir, result: &Result<()>, names: &[&str]) {
+    if result.is_err() {
+        for name in names {
+            eprintln!("----- {name} -----\n{}", lab.log_tail(name, 40));
+        }
+        let kept = dir.keep();
+        eprintln!("lab logs kept in {}", kept.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_forward_turns_a_natted_peer_into_a_super_peer_and_back() -> Result<()> {
+    if skip_unless(
+        natlab::available().is_ok(),
+        "the NAT lab (root, ip, iptables)",
+    ) {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::new(dir.path())?;
+    let result = port_forward(&mut lab, dir.path()).await;
+    report(&lab, dir, &result, &["boot", "s1", "s2", "s3", "pf"]);
+    result
+}
+
+async fn port_forward(lab: &mut Lab, dir: &Path) -> Result<()> {
+    let (bootnode, hosts) = public_side(lab, dir, &["--reach-probe-interval", "30s"]).await?;
+    let pf = lab.natted_peer("rf", "pf", "198.18.0.31", 3, Nat::PortRestricted)?;
+    let extra = ["--reach-probe-interval", "10s"];
+    lab.spawn(
+        &pf,
+        "pf",
+        &servant_bin(),
+        &node_args(dir, "pf", Some(&bootnode), &extra),
+    )?;
+    until_state(lab, &hosts[1..], "public", "super", 90).await?;
+    let pf = vec![pf];
+    until_state(lab, &pf, "private", "peer", 90).await?;
+    println!("checked: behind its NAT, pf is private and a peer");
+    for proto in ["tcp", "udp"] {
+        lab.forward("rf", 3, proto, 4001)?;
+    }
+    until_state(lab, &pf, "public", "super", 90).await?;
+    let view = reach(lab, &pf[0])?;
+    println!(
+        "checked: with port 4001 forwarded, pf became public and a super-peer ({})",
+        view.reason
+    );
+    for proto in ["tcp", "udp"] {
+        lab.unforward("rf", 3, proto, 4001)?;
+    }
+    until_state(lab, &pf, "private", "peer", 90).await?;
+    let view = reach(lab, &pf[0])?;
+    println!(
+        "checked: with the forward removed, pf is private and a peer again ({})",
+        view.reason
+    );
+    Ok(())
+}
+
+/// The command line of a lab node `name`.
+fn node_args(dir: &Path, name: &str, bootnode: Option<&str>, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "run",
+        "--data-dir",
+        &dir.join(name).display().to_string(),
+        "--listen",
+        LISTEN,
+        "--api",
+        "127.0.0.1:5100",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(extra.iter().map(|s| s.to_string()))
+    .collect();
+    match bootnode {
+        None => a.extend([
+            "--identity-file".into(),
+            dir.join("boot.key").display().to_string(),
+        ]),
+        Some(b) => a.extend(["--bootnode".into(), b.to_string()]),
+    }
+    a
+}
+
+/// Starts a bootnode and three public hosts; returns the bootnode multiaddr and
+/// the hosts' namespaces (the bootnode first).
+async fn public_side(lab: &mut Lab, dir: &Path, extra: &[&str]) -> Result<(String, Vec<String>)> {
     let key = dir.join("boot.key");
     let out = run_cli(
         &["key", "generate", "--out", key.to_str().context("path")?],
@@ -65,67 +145,74 @@ async fn scenario(lab: &mut Lab, dir: &std::path::Path) -> Result<()> {
     }
     let boot_id = String::from_utf8(out.stdout)?.trim().to_string();
     let bootnode = format!("/ip4/198.18.0.10/tcp/4001/p2p/{boot_id}");
-
-    let mut hosts = vec![("boot", lab.host("boot", "198.18.0.10")?)];
-    for (i, name) in ["s1", "s2", "s3"].into_iter().enumerate() {
-        hosts.push((name, lab.host(name, &format!("198.18.0.{}", 11 + i))?));
-    }
-    let pa = lab.natted_peer("ra", "pa", "198.18.0.21", 1, Nat::PortRestricted)?;
-    let pb = lab.natted_peer("rb", "pb", "198.18.0.22", 2, Nat::PortRestricted)?;
-    println!(
-        "checked: lab up: a bootnode and three hosts public, pa and pb behind port-restricted NATs"
-    );
-
-    let args = |name: &str| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "run",
-            "--data-dir",
-            &dir.join(name).display().to_string(),
-            "--listen",
-            LISTEN,
-            "--api",
-            "127.0.0.1:5100",
-            "--reach-probe-interval",
-            "30s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if name == "boot" {
-            a.extend(["--identity-file".into(), key.display().to_string()]);
-        } else {
-            a.extend(["--bootnode".into(), bootnode.clone()]);
-        }
-        a
-    };
     let bin = servant_bin();
-    for (name, ns) in &hosts {
-        lab.spawn(ns, name, &bin, &args(name))?;
-        if *name == "boot" {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+    let boot = lab.host("boot", "198.18.0.10")?;
+    lab.spawn(&boot, "boot", &bin, &node_args(dir, "boot", None, extra))?;
+    let mut hosts = vec![boot];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (i, name) in ["s1", "s2", "s3"].into_iter().enumerate() {
+        let ns = lab.host(name, &format!("198.18.0.{}", 11 + i))?;
+        lab.spawn(
+            &ns,
+            name,
+            &bin,
+            &node_args(dir, name, Some(&bootnode), extra),
+        )?;
+        hosts.push(ns);
     }
-    lab.spawn(&pa, "pa", &bin, &args("pa"))?;
-    lab.spawn(&pb, "pb", &bin, &args("pb"))?;
+    Ok((bootnode, hosts))
+}
 
-    let lab_ref = &*lab;
-    let supers: Vec<String> = hosts[1..].iter().map(|(_, ns)| ns.clone()).collect();
+/// Waits until every namespace in `nss` reports this verdict and role.
+async fn until_state(
+    lab: &Lab,
+    nss: &[String],
+    reachability: &str,
+    role: &str,
+    secs: u64,
+) -> Result<()> {
     eventually(
-        Duration::from_secs(90),
-        "the public hosts to be super-peers",
+        Duration::from_secs(secs),
+        &format!("{nss:?} to be {reachability} {role}"),
         || async {
-            for ns in &supers {
-                let Ok(view) = reach(lab_ref, ns) else {
+            for ns in nss {
+                let Ok(view) = reach(lab, ns) else {
                     return Ok(None);
                 };
-                if view.reachability.as_str() != "public" || view.role.as_str() != "super" {
+                if view.reachability.as_str() != reachability || view.role.as_str() != role {
                     return Ok(None);
                 }
             }
             Ok(Some(()))
         },
     )
-    .await?;
+    .await
+}
+
+async fn scenario(lab: &mut Lab, dir: &Path) -> Result<()> {
+    let (bootnode, hosts) = public_side(lab, dir, &["--reach-probe-interval", "30s"]).await?;
+    let pa = lab.natted_peer("ra", "pa", "198.18.0.21", 1, Nat::PortRestricted)?;
+    let pb = lab.natted_peer("rb", "pb", "198.18.0.22", 2, Nat::PortRestricted)?;
+    println!(
+        "checked: lab up: a bootnode and three hosts public, pa and pb behind port-restricted NATs"
+    );
+    let bin = servant_bin();
+    let peer_extra = ["--reach-probe-interval", "30s"];
+    lab.spawn(
+        &pa,
+        "pa",
+        &bin,
+        &node_args(dir, "pa", Some(&bootnode), &peer_extra),
+    )?;
+    lab.spawn(
+        &pb,
+        "pb",
+        &bin,
+        &node_args(dir, "pb", Some(&bootnode), &peer_extra),
+    )?;
+
+    let lab_ref = &*lab;
+    until_state(lab_ref, &hosts[1..], "public", "super", 90).await?;
     println!("checked: s1, s2, s3 confirmed public by dial-backs and became super-peers");
 
     for ns in [&pa, &pb] {
