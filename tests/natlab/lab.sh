@@ -143,6 +143,21 @@ valid_pub_ip() {
 
 record() { echo "$3" >"$(state_dir "$1")/node.$2"; }
 
+# Fails when IP is taken on the segment: the public one (ROUTER empty) or ROUTER's LAN.
+ip_free() {
+    local lab=$1 ip=$2 router=${3:-} f
+    for f in "$(state_dir "$lab")"/node.*; do
+        [ -f "$f" ] || continue
+        load_node "$lab" "${f##*/node.}"
+        if [ -z "$router" ]; then
+            [[ $NODE_KIND = peer || $NODE_IP != "$ip" ]] || die "$ip is taken by ${f##*/node.}"
+        else
+            [[ $NODE_KIND != peer || $NODE_ROUTER != "$router" || $NODE_IP != "$ip" ]] ||
+                die "$ip is taken by ${f##*/node.} on $router's LAN"
+        fi
+    done
+}
+
 # ---------------------------------------------------------------- commands
 
 cmd_up() {
@@ -174,6 +189,7 @@ cmd_host() {
     valid_name "$name"
     require_up "$lab"
     valid_pub_ip "$ip"
+    ip_free "$lab" "$ip"
     ns=$(nsname "$lab" "$name")
     new_ns "$ns" 0
     record "$lab" "$name" "NODE_KIND=host NODE_IP=$ip"
@@ -252,6 +268,7 @@ cmd_router() {
     valid_name "$name"
     require_up "$lab"
     valid_pub_ip "$wan_ip"
+    ip_free "$lab" "$wan_ip"
     for t in $TYPES; do [ "$type" = "$t" ] && ok=1; done
     [ -n "$ok" ] || die "NAT type '$type': want one of $TYPES"
     [[ $lan_net =~ ^([0-9.]+)/([0-9]+)$ ]] || die "LAN_NET '$lan_net': want a.b.c.d/len"
@@ -291,10 +308,12 @@ cmd_peer() {
     n=$(ip2int "$ip")
     (((n & mask) == base && n > base + 1 && n < (base | (~mask & 0xffffffff)))) ||
         die "'$ip' is not a free host address of $NODE_LAN_NET (the router is $NODE_LAN_IP)"
-    case $NODE_TYPE in
+    local r_type=$NODE_TYPE r_ip=$NODE_IP r_prefix=$NODE_PREFIX r_lan_ip=$NODE_LAN_IP r_dnat=$NODE_DNAT_TO
+    ip_free "$lab" "$ip" "$router"
+    case $r_type in
     full-cone | address-restricted)
-        [ "$ip" = "$NODE_DNAT_TO" ] ||
-            warn "$NODE_TYPE router $router sends unsolicited traffic to $NODE_DNAT_TO only, not to $ip"
+        [ "$ip" = "$r_dnat" ] ||
+            warn "$r_type router $router sends unsolicited traffic to $r_dnat only, not to $ip"
         ;;
     esac
     ns=$(nsname "$lab" "$name")
@@ -304,11 +323,11 @@ cmd_peer() {
     ip -n "$rns" link add "$lab-$name" type veth peer name "$lab-eth" netns "$ns"
     ip -n "$rns" link set "$lab-$name" master "$lab-lan" up
     ip -n "$ns" -b - <<EOF
-addr add $ip/$NODE_PREFIX dev $lab-eth
+addr add $ip/$r_prefix dev $lab-eth
 link set $lab-eth up
-route add default via $NODE_LAN_IP
+route add default via $r_lan_ip
 EOF
-    echo "peer $ns: $ip behind $router ($NODE_TYPE, outside $NODE_IP)"
+    echo "peer $ns: $ip behind $router ($r_type, outside $r_ip)"
 }
 
 # forward/unforward: DNAT WAN_IP:PORT to LAN_IP:PORT, admit it, and pin the

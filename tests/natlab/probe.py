@@ -253,9 +253,9 @@ class Client:
         r = {"mapped": {}, "errors": [], "tokens": {}}
         s, seen, ids = self.udp, {}, iter(range(1, 1 << 30))
 
-        def pump(until, want_id=None):
-            """Receives until `until`; returns the mapped reply with want_id if any."""
-            while True:
+        def pump(until, want_id=None, done=None):
+            """Receives until `until` (or done() holds); returns the mapped reply with want_id."""
+            while not (done and done()):
                 left = until - time.monotonic()
                 if left <= 0:
                     return None
@@ -292,7 +292,7 @@ class Client:
                     s.sendto(json.dumps({"op": "send", "from_port": self.p2, "token": ta}).encode(), a1)
                     relay = {"op": "relay", "via": f"{self.b}:{self.p1}", "req": {"op": "send", "token": tb}}
                     s.sendto(json.dumps(relay).encode(), a1)
-                pump(time.monotonic() + self.wait)
+                pump(time.monotonic() + self.wait, done=lambda: ta in seen and tb in seen)
             r["open_a_other_port"] = ta in seen
             r["open_b"] = tb in seen
             r["tokens"] = {"a_other_port": seen.get(ta), "b": seen.get(tb)}
@@ -331,7 +331,7 @@ class Client:
                 relay = {"op": "relay", "via": f"{self.b}:{self.p1}", "req": req_b}
                 c1.sendall((json.dumps(req_a) + "\n" + json.dumps(relay) + "\n").encode())
                 until = time.monotonic() + self.wait
-                while (left := until - time.monotonic()) > 0:
+                while (left := until - time.monotonic()) > 0 and not (ta in seen and tb in seen):
                     self.lst.settimeout(left)
                     try:
                         conn, src = self.lst.accept()

@@ -288,3 +288,137 @@ async fn scenario(lab: &mut Lab, dir: &Path) -> Result<()> {
     println!("checked: servant doctor on pa says private and names its relays");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symmetric_nat_gets_no_direct_connection_but_relays_carry_broadcasts_and_files(
+) -> Result<()> {
+    if skip_unless(
+        natlab::available().is_ok(),
+        "the NAT lab (root, ip, iptables)",
+    ) {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::new(dir.path())?;
+    let result = symmetric(&mut lab, dir.path()).await;
+    report(
+        &lab,
+        dir,
+        &result,
+        &["boot", "s1", "s2", "s3", "pc", "pd", "sub"],
+    );
+    result
+}
+
+async fn symmetric(lab: &mut Lab, dir: &Path) -> Result<()> {
+    // Super-peers offer the data relay profile: the only way between pc and pd.
+    let public_extra = ["--relay-profile", "data", "--topic", "t"];
+    let (bootnode, hosts) = public_side(lab, dir, &public_extra).await?;
+    let pc = lab.natted_peer("rc", "pc", "198.18.0.41", 4, Nat::Symmetric)?;
+    let pd = lab.natted_peer("rd", "pd", "198.18.0.42", 5, Nat::PortRestricted)?;
+    let bin = servant_bin();
+    let extra = ["--topic", "t"];
+    lab.spawn(
+        &pc,
+        "pc",
+        &bin,
+        &node_args(dir, "pc", Some(&bootnode), &extra),
+    )?;
+    lab.spawn(
+        &pd,
+        "pd",
+        &bin,
+        &node_args(dir, "pd", Some(&bootnode), &extra),
+    )?;
+    until_state(lab, &hosts[1..], "public", "super", 90).await?;
+    let peers_ns = vec![pc.clone(), pd.clone()];
+    until_state(lab, &peers_ns, "private", "peer", 120).await?;
+    // pd listens to the topic from the start (it is read near the end).
+    lab.spawn(
+        &pd,
+        "sub",
+        &bin,
+        &["subscribe".to_string(), "--topic".into(), "t".into()],
+    )?;
+    let lab_ref = &*lab;
+    let circuit = eventually(Duration::from_secs(60), "a reservation of pd", || async {
+        let view = reach(lab_ref, &pd)?;
+        Ok(view
+            .reservations
+            .iter()
+            .filter(|r| r.accepted)
+            .flat_map(|r| r.addrs.iter())
+            .next()
+            .cloned())
+    })
+    .await?;
+    println!("checked: pc (symmetric NAT) and pd (port-restricted) are private peers with relays");
+
+    let text = lab.run(&pc, &bin, &["doctor"])?;
+    assert!(text.contains("symmetric NAT"), "{text}");
+    println!("checked: servant doctor on pc names the symmetric NAT");
+
+    let pd_id = circuit.rsplit('/').next().unwrap_or_default().to_string();
+    lab.run(&pc, &bin, &["connect", &circuit, "--json"])?;
+    eventually(Duration::from_secs(90), "a failed hole punch", || async {
+        let series = "servant_holepunch_results_total{reason=\"failed\"}";
+        Ok((metric(&pc, series)? + metric(&pd, series)? >= 1.0).then_some(()))
+    })
+    .await?;
+    let direct = peers(lab_ref, &pc)?
+        .into_iter()
+        .filter(|v| v.peer_id == pd_id)
+        .any(|v| v.addrs.iter().any(|a| !a.contains("p2p-circuit")));
+    assert!(
+        !direct,
+        "a direct connection through a symmetric NAT is claimed"
+    );
+    let series = "servant_holepunch_results_total{reason=\"direct\"}";
+    assert_eq!(metric(&pc, series)? + metric(&pd, series)?, 0.0);
+    println!("checked: hole punching between pc and pd failed and no direct connection is claimed");
+
+    // A broadcast from behind the symmetric NAT reaches pd through the super-peers.
+    let lab_ref = &*lab;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    eventually(
+        Duration::from_secs(30),
+        "pd to receive pc's broadcast",
+        || async {
+            let _ = lab_ref.run(
+                &pc,
+                &bin,
+                &["publish", "--topic", "t", "from-behind-symmetric"],
+            );
+            Ok(lab_ref
+                .log_tail("sub", 50)
+                .contains("from-behind-symmetric")
+                .then_some(()))
+        },
+    )
+    .await?;
+    println!("checked: a broadcast from pc reached pd");
+
+    // A file shared by pd is fetched by pc through a data-profile relay.
+    let src = dir.join("shared.bin");
+    let expected = servant_tests::random_file(&src, 3 << 20, 7)?;
+    let out = lab.run(
+        &pd,
+        &bin,
+        &["share", src.to_str().context("path")?, "--json"],
+    )?;
+    let info: serde_json::Value = serde_json::from_str(&out)?;
+    let id = info["id"]
+        .as_str()
+        .context("share printed no id")?
+        .to_string();
+    let dest = dir.join("fetched.bin");
+    let out = lab.run(
+        &pc,
+        &bin,
+        &["fetch", &id, "-o", dest.to_str().context("path")?, "--json"],
+    )?;
+    assert!(out.contains("\"finished\""), "{out}");
+    assert_eq!(servant_tests::hash_file(&dest)?, expected);
+    println!("checked: pc fetched pd's 3 MiB file byte-identical through a data-profile relay");
+    Ok(())
+}
