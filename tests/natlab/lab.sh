@@ -78,10 +78,13 @@ valid_name() {
 }
 
 ip2int() {
-    [[ $1 =~ ^([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})$ ]] || die "not an IPv4 address: '$1'"
-    local i
-    for i in 1 2 3 4; do ((BASH_REMATCH[i] <= 255)) || die "not an IPv4 address: '$1'"; done
-    echo $(((BASH_REMATCH[1] << 24) | (BASH_REMATCH[2] << 16) | (BASH_REMATCH[3] << 8) | BASH_REMATCH[4]))
+    local d='(0|[1-9][0-9]{0,2})' i o=() # no leading zeros: iproute2 would read them as octal
+    [[ $1 =~ ^$d\.$d\.$d\.$d$ ]] || die "not an IPv4 address: '$1'"
+    for i in 1 2 3 4; do
+        o[i]=${BASH_REMATCH[i]}
+        ((o[i] <= 255)) || die "not an IPv4 address: '$1'"
+    done
+    echo $(((o[1] << 24) | (o[2] << 16) | (o[3] << 8) | o[4]))
 }
 int2ip() { echo "$((($1 >> 24) & 255)).$((($1 >> 16) & 255)).$((($1 >> 8) & 255)).$(($1 & 255))"; }
 
@@ -116,10 +119,11 @@ new_ns() {
     ns_exists "$ns" && die "namespace $ns exists already"
     ip netns add "$ns"
     ip -n "$ns" link set lo up
-    ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward="$forward" \
-        net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
-    # Bridged frames must not go through this namespace's iptables (br_netfilter).
-    ip netns exec "$ns" sysctl -qw net.bridge.bridge-nf-call-iptables=0 2>/dev/null || true
+    # Bridged frames must not go through this namespace's iptables (br_netfilter);
+    # both of these settings are missing when the kernel lacks the feature.
+    ip netns exec "$ns" sh -c "sysctl -qw net.ipv4.ip_forward=$forward &&
+        { sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 2>/dev/null;
+          sysctl -qw net.bridge.bridge-nf-call-iptables=0 2>/dev/null; true; }"
 }
 
 # A veth pair: INNER in namespace NS, its other end LAB-NAME on the public bridge.
@@ -383,19 +387,21 @@ cmd_exec() {
     exec ip netns exec "$ns" "$@"
 }
 
+# The lab's namespaces, from /run/netns (`ip netns list` complains about namespaces
+# another lab is deleting at the same moment).
+lab_namespaces() { find /run/netns -mindepth 1 -maxdepth 1 -name "$1-*" -printf '%f\n' 2>/dev/null | sort; }
+
 cmd_status() {
     [ $# -eq 1 ] || die "usage: lab.sh status LAB"
     local lab=$1 f
     valid_lab "$lab"
     echo "namespaces:"
-    ip netns list | awk -v p="$lab-" 'index($1, p) == 1 { print "  " $1 }'
+    lab_namespaces "$lab" | sed 's/^/  /'
     for f in "$(state_dir "$lab")"/node.*; do
         [ -f "$f" ] || continue
         echo "${f##*/node.}: $(cat "$f")"
     done
 }
-
-lab_namespaces() { ip netns list | awk -v p="$1-" 'index($1, p) == 1 { print $1 }'; }
 
 cmd_down() {
     [ $# -eq 1 ] || die "usage: lab.sh down LAB"

@@ -1,19 +1,11 @@
-//! A NAT lab in network namespaces: a public segment (198.18.0.0/24, a bridge in
-//! its own namespace) with public hosts on it, and routers that NAT a private LAN
-//! each (10.N.0.0/24) onto it with iptables, one peer behind each router.
+//! The NAT lab from Rust: a thin driver of `tests/natlab/lab.sh` (see its header and
+//! `tests/natlab/README.md`), which builds network namespaces with a public segment
+//! (198.18.0.0/24), public hosts, and routers that NAT one peer's LAN each with
+//! iptables, and tears them down again. This module adds what tests need on top:
+//! running Servant in the lab's namespaces and reading their logs.
 //!
-//! ```text
-//!   <p>-boot 198.18.0.10 ─┐
-//!   <p>-s1   198.18.0.11 ─┤
-//!                         ├─ bridge in <p>-pub
-//!   <p>-ra   198.18.0.21 ─┘ (wan)   <p>-ra lan 10.1.0.1 ── <p>-pa 10.1.0.2
-//! ```
-//!
-//! Public hosts have only the public segment's route; peers route through their
-//! router; routers have no default route. Nothing reaches outside the lab, and
-//! every lab is new namespaces, so connection tracking starts clean. Routers drop
-//! every unsolicited packet on their WAN side (as home routers do; a reset would
-//! also kill TCP simultaneous opens).
+//! Every lab is new namespaces, so connection tracking starts clean; nothing routes
+//! out of the lab.
 
 use std::{
     path::{Path, PathBuf},
@@ -26,11 +18,15 @@ use anyhow::{bail, Context, Result};
 /// How a router maps and filters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Nat {
-    /// Linux's own MASQUERADE: endpoint-independent mapping (the source port is kept
-    /// when free), address-and-port-dependent filtering.
+    /// Endpoint-independent mapping (the source port is kept when free),
+    /// address-and-port-dependent filtering: Linux's own SNAT.
     PortRestricted,
-    /// MASQUERADE with `--random-fully`: a new outside port for every new flow, so
-    /// every destination sees a different port (endpoint-dependent mapping).
+    /// Endpoint-independent mapping, address-dependent filtering.
+    AddressRestricted,
+    /// Endpoint-independent mapping and filtering (one peer behind it).
+    FullCone,
+    /// A new outside port for every new flow (`--random-fully`): every destination
+    /// sees a different port (endpoint-dependent mapping).
     Symmetric,
 }
 
@@ -75,11 +71,14 @@ pub fn available() -> Result<(), String> {
     Ok(())
 }
 
+/// `tests/natlab/lab.sh`, which builds and tears down the lab.
+fn lab_sh() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("natlab/lab.sh")
+}
+
 /// A lab; dropping it kills its processes and deletes its namespaces.
 pub struct Lab {
-    prefix: String,
-    namespaces: Vec<String>,
-    veths: u32,
+    name: String,
     children: Vec<Child>,
     dir: PathBuf,
 }
@@ -87,74 +86,39 @@ pub struct Lab {
 impl Lab {
     /// A public segment, empty. `dir` receives the logs of processes run in the lab.
     pub fn new(dir: &Path) -> Result<Lab> {
-        // Unique per lab: tests of one binary run in parallel in one process.
+        // Unique per lab (tests of one binary run in parallel in one process), and
+        // within lab.sh's six characters.
         static LABS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let prefix = format!("sl{}{n}", std::process::id() % 10_000);
-        // Leftovers of an earlier run with the same pid.
-        for ns in sh(&["ip", "netns", "list"])?.lines() {
-            let name = ns.split_whitespace().next().unwrap_or_default();
-            if name.starts_with(&format!("{prefix}-")) {
-                let _ = sh(&["ip", "netns", "del", name]);
-            }
-        }
-        let mut lab = Lab {
-            prefix,
-            namespaces: Vec::new(),
-            veths: 0,
+        let name = format!("l{:03}{:02}", std::process::id() % 1000, n % 100);
+        let lab = Lab {
+            name,
             children: Vec::new(),
             dir: dir.to_path_buf(),
         };
-        let public = lab.namespace("pub")?;
-        sh(&["ip", "-n", &public, "link", "add", "br0", "type", "bridge"])?;
-        sh(&["ip", "-n", &public, "link", "set", "br0", "up"])?;
+        // Leftovers of an earlier run that had the same name.
+        lab.sh(&["down"])?;
+        lab.sh(&["up"])?;
         Ok(lab)
+    }
+
+    fn sh(&self, args: &[&str]) -> Result<String> {
+        let script = lab_sh();
+        let script = script.to_str().context("lab.sh path")?;
+        let mut full = vec!["bash", script, args[0], &self.name];
+        full.extend_from_slice(&args[1..]);
+        sh(&full)
     }
 
     /// The namespace name of a lab member.
     pub fn ns(&self, name: &str) -> String {
-        format!("{}-{name}", self.prefix)
-    }
-
-    fn namespace(&mut self, name: &str) -> Result<String> {
-        let ns = self.ns(name);
-        sh(&["ip", "netns", "add", &ns])?;
-        self.namespaces.push(ns.clone());
-        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// A veth pair with `inner` in `ns` and its other end on the public bridge.
-    fn plug_public(&mut self, ns: &str, inner: &str) -> Result<()> {
-        self.veths += 1;
-        let outer = format!("{}p{}", self.prefix, self.veths);
-        let public = self.ns("pub");
-        sh(&[
-            "ip", "link", "add", inner, "netns", ns, "type", "veth", "peer", "name", &outer,
-            "netns", &public,
-        ])?;
-        sh(&[
-            "ip", "-n", &public, "link", "set", &outer, "master", "br0", "up",
-        ])?;
-        sh(&["ip", "-n", ns, "link", "set", inner, "up"])?;
-        Ok(())
+        format!("{}-{name}", self.name)
     }
 
     /// A host on the public segment.
     pub fn host(&mut self, name: &str, ip: &str) -> Result<String> {
-        let ns = self.namespace(name)?;
-        self.plug_public(&ns, "eth0")?;
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        Ok(ns)
+        self.sh(&["host", name, ip])?;
+        Ok(self.ns(name))
     }
 
     /// A router with `wan_ip` on the public segment NATing 10.`net`.0.0/24, and one
@@ -167,166 +131,37 @@ impl Lab {
         net: u8,
         nat: Nat,
     ) -> Result<String> {
-        let r = self.namespace(router)?;
-        self.plug_public(&r, "wan")?;
-        sh(&[
-            "ip",
-            "-n",
-            &r,
-            "addr",
-            "add",
-            &format!("{wan_ip}/24"),
-            "dev",
-            "wan",
-        ])?;
-        let p = self.namespace(peer)?;
-        sh(&[
-            "ip", "link", "add", "lan", "netns", &r, "type", "veth", "peer", "name", "eth0",
-            "netns", &p,
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &r,
-            "addr",
-            "add",
-            &format!("10.{net}.0.1/24"),
-            "dev",
-            "lan",
-        ])?;
-        sh(&["ip", "-n", &r, "link", "set", "lan", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            &p,
-            "addr",
-            "add",
-            &format!("10.{net}.0.2/24"),
-            "dev",
-            "eth0",
-        ])?;
-        sh(&["ip", "-n", &p, "link", "set", "eth0", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            &p,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.{net}.0.1"),
-        ])?;
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &r,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ])?;
-        let ipt = |rule: &[&str]| -> Result<()> {
-            let mut args = vec!["ip", "netns", "exec", &r, "iptables"];
-            args.extend_from_slice(rule);
-            sh(&args).map(drop)
+        let kind = match nat {
+            Nat::PortRestricted => "port-restricted",
+            Nat::AddressRestricted => "address-restricted",
+            Nat::FullCone => "full-cone",
+            Nat::Symmetric => "symmetric",
         };
-        let mut masquerade = vec![
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-o",
-            "wan",
-            "-j",
-            "MASQUERADE",
-        ];
-        if nat == Nat::Symmetric {
-            masquerade.push("--random-fully");
-        }
-        ipt(&masquerade)?;
-        for chain in ["FORWARD", "INPUT"] {
-            ipt(&[
-                "-A",
-                chain,
-                "-i",
-                "wan",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ])?;
-            ipt(&["-A", chain, "-i", "wan", "-j", "DROP"])?;
-        }
-        Ok(p)
+        self.sh(&["router", router, wan_ip, &format!("10.{net}.0.0/24"), kind])?;
+        self.sh(&["peer", peer, router, &format!("10.{net}.0.2")])?;
+        Ok(self.ns(peer))
+    }
+
+    /// The lab's self-check: the router maps and filters as its type says (needs two
+    /// public hosts as observers). Returns its `checked:` lines.
+    pub fn check(&self, router: &str, peer: &str) -> Result<String> {
+        self.sh(&["check", router, peer])
     }
 
     /// Forwards `proto` port `port` on router `router` to 10.`net`.0.2 (a port
     /// forward, as a user sets one up by hand).
     pub fn forward(&self, router: &str, net: u8, proto: &str, port: u16) -> Result<()> {
-        let r = self.ns(router);
-        let to = format!("10.{net}.0.2:{port}");
         let port = port.to_string();
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &r,
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-i",
-            "wan",
-            "-p",
-            proto,
-            "--dport",
-            &port,
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &to,
-        ])?;
-        sh(&[
-            "ip", "netns", "exec", &r, "iptables", "-I", "FORWARD", "1", "-i", "wan", "-p", proto,
-            "--dport", &port, "-j", "ACCEPT",
-        ])?;
-        Ok(())
+        self.sh(&["forward", router, proto, &port, &format!("10.{net}.0.2")])
+            .map(drop)
     }
 
-    /// Removes the port forward [`Lab::forward`] added.
+    /// Removes the port forward [`Lab::forward`] added. Flows already through it
+    /// live on in connection tracking until they end.
     pub fn unforward(&self, router: &str, net: u8, proto: &str, port: u16) -> Result<()> {
-        let r = self.ns(router);
-        let to = format!("10.{net}.0.2:{port}");
         let port = port.to_string();
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &r,
-            "iptables",
-            "-t",
-            "nat",
-            "-D",
-            "PREROUTING",
-            "-i",
-            "wan",
-            "-p",
-            proto,
-            "--dport",
-            &port,
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &to,
-        ])?;
-        sh(&[
-            "ip", "netns", "exec", &r, "iptables", "-D", "FORWARD", "-i", "wan", "-p", proto,
-            "--dport", &port, "-j", "ACCEPT",
-        ])?;
-        Ok(())
+        self.sh(&["unforward", router, proto, &port, &format!("10.{net}.0.2")])
+            .map(drop)
     }
 
     /// Starts `program args` in namespace `ns`; its output goes to `<dir>/<log>.log`.
@@ -374,8 +209,8 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.reap();
-        for ns in self.namespaces.iter().rev() {
-            let _ = sh(&["ip", "netns", "del", ns]);
+        if let Err(e) = self.sh(&["down"]) {
+            eprintln!("natlab: tearing down {}: {e:#}", self.name);
         }
     }
 }

@@ -75,7 +75,9 @@ async fn a_port_forward_turns_a_natted_peer_into_a_super_peer_and_back() -> Resu
 async fn port_forward(lab: &mut Lab, dir: &Path) -> Result<()> {
     let (bootnode, hosts) = public_side(lab, dir, &["--reach-probe-interval", "30s"]).await?;
     let pf = lab.natted_peer("rf", "pf", "198.18.0.31", 3, Nat::PortRestricted)?;
-    let extra = ["--reach-probe-interval", "10s"];
+    // Long enough for a round to gather three failed dial-backs (a QUIC dial into
+    // a NAT that drops it fails after its 5 s handshake timeout).
+    let extra = ["--reach-probe-interval", "20s"];
     lab.spawn(
         &pf,
         "pf",
@@ -193,6 +195,9 @@ async fn scenario(lab: &mut Lab, dir: &Path) -> Result<()> {
     let (bootnode, hosts) = public_side(lab, dir, &["--reach-probe-interval", "30s"]).await?;
     let pa = lab.natted_peer("ra", "pa", "198.18.0.21", 1, Nat::PortRestricted)?;
     let pb = lab.natted_peer("rb", "pb", "198.18.0.22", 2, Nat::PortRestricted)?;
+    for (router, peer) in [("ra", "pa"), ("rb", "pb")] {
+        print!("{}", lab.check(router, peer)?);
+    }
     println!(
         "checked: lab up: a bootnode and three hosts public, pa and pb behind port-restricted NATs"
     );
@@ -316,6 +321,9 @@ async fn symmetric(lab: &mut Lab, dir: &Path) -> Result<()> {
     let (bootnode, hosts) = public_side(lab, dir, &public_extra).await?;
     let pc = lab.natted_peer("rc", "pc", "198.18.0.41", 4, Nat::Symmetric)?;
     let pd = lab.natted_peer("rd", "pd", "198.18.0.42", 5, Nat::PortRestricted)?;
+    for (router, peer) in [("rc", "pc"), ("rd", "pd")] {
+        print!("{}", lab.check(router, peer)?);
+    }
     let bin = servant_bin();
     let extra = ["--topic", "t"];
     lab.spawn(

@@ -288,9 +288,17 @@ impl Verdict {
             );
             return self.set(Reachability::Public, reason);
         }
+        // Private is judged on this round's evidence alone: an address confirmed in an
+        // earlier round that no server could even answer for this time (a TCP dial
+        // into a NAT that drops it outlasts the server's patience) must not keep the
+        // node public after its port forward is gone.
         let any_reached = self.addrs.values().any(|e| !e.reached_by.is_empty());
         let failures: usize = self.addrs.values().map(|e| e.failed_from.len()).sum();
-        if !any_reached && failures >= REFUTATIONS && self.confirmed.is_empty() {
+        if !any_reached && failures >= REFUTATIONS {
+            self.confirmed.clear();
+            for e in self.addrs.values_mut() {
+                e.confirmed = false;
+            }
             let reason = format!("{failures} dial-backs failed and none reached us");
             return self.set(Reachability::Private, reason);
         }

@@ -15,10 +15,17 @@
 //! `gossip-child` mode), then writes a JSON report and prints a table with Servant's
 //! figures, the baseline's, their ratio and the targets.
 //!
+//! ```text
+//! cargo run --release -p servant-tests --bin servant-bench -- nat [--trials 30 --transports tcp,quic]
+//! ```
+//!
 //! `files` times fetches between real `servant` processes against a bare libp2p
 //! stream moving the same bytes (children in the hidden `stream-server` and
 //! `stream-client` modes), then, as root, fetches from rate-limited providers in
 //! network namespaces; see [`files`].
+//!
+//! `nat` (root) runs hole-punch trials in fresh NAT labs, Servant against a bare
+//! rust-libp2p relay and DCUtR (children in the hidden `nat-node` mode); see [`nat`].
 
 mod baseline_net;
 mod driver;
@@ -29,6 +36,8 @@ mod files_report;
 mod files_stream;
 mod load;
 mod memory;
+mod nat;
+mod nat_node;
 mod openmetrics;
 mod params;
 mod process;
@@ -81,6 +90,35 @@ enum Mode {
         /// Exit with status 1 when Servant misses a target.
         #[arg(long)]
         check: bool,
+    },
+    /// Hole punching in the NAT lab (root): Servant against bare rust-libp2p.
+    Nat {
+        #[command(flatten)]
+        params: nat::NatParams,
+        /// Where the JSON report goes; the table is written beside it as `.txt`.
+        #[arg(long, default_value = "target/bench/nat.json")]
+        out: PathBuf,
+        /// Exit with status 1 when Servant misses a target.
+        #[arg(long)]
+        check: bool,
+    },
+    /// A bare rust-libp2p relay or peer (used by `nat`).
+    #[command(hide = true)]
+    NatNode {
+        /// `relay`, `listen` or `dial`.
+        role: String,
+        /// Where to listen.
+        #[arg(long)]
+        listen: libp2p::Multiaddr,
+        /// The relay, with `/p2p/` (peers).
+        #[arg(long)]
+        relay: Option<libp2p::Multiaddr>,
+        /// The circuit address to dial (`dial`).
+        #[arg(long)]
+        target: Option<libp2p::Multiaddr>,
+        /// Where to write the relay's id, the circuit address or the outcome.
+        #[arg(long)]
+        file: PathBuf,
     },
     /// The bare-stream server (used by `files`).
     #[command(hide = true)]
@@ -164,6 +202,29 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Mode::Nat { params, out, check } => {
+            let report = stream_runtime()?.block_on(nat::run(&params, &out))?;
+            if check && !report.all_targets_met {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Mode::NatNode {
+            role,
+            listen,
+            relay,
+            target,
+            file,
+        } => stream_runtime()?.block_on(async move {
+            match (role.as_str(), relay, target) {
+                ("relay", _, _) => nat_node::relay(listen, &file).await,
+                ("listen", Some(relay), _) => nat_node::listen(listen, relay, &file).await,
+                ("dial", Some(relay), Some(target)) => {
+                    nat_node::dial(listen, relay, target, &file).await
+                }
+                _ => bail!("nat-node: relay, listen --relay, or dial --relay --target"),
+            }
+        }),
         Mode::StreamServer { listen } => stream_runtime()?.block_on(files_stream::server(listen)),
         Mode::StreamClient {
             addr,

@@ -1,0 +1,443 @@
+//! `nat`: hole punching measured in the NAT lab, Servant against a bare rust-libp2p
+//! baseline in the same run.
+//!
+//! Every trial is a fresh lab (new namespaces, so clean connection tracking): one
+//! public relay and two peers behind routers of the pairing's NAT types, all on one
+//! transport (TCP or QUIC). The second peer reserves on the relay, the first dials
+//! it through the relay, and DCUtR tries to make the connection direct. Each trial
+//! records success and the time from the relayed connection to the direct one, as
+//! each implementation measures it itself. Servant's nodes are forced to their
+//! roles (`--role super` / `--role peer`) so the trial measures hole punching, not
+//! reachability probing.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use servant_tests::natlab::{Lab, Nat};
+
+use crate::{nat_node::Outcome, report};
+
+/// The benchmark's parameters.
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+pub struct NatParams {
+    /// Trials per pairing, transport and implementation.
+    #[arg(long, default_value_t = 30)]
+    pub trials: usize,
+    /// Only these transports (tcp, quic).
+    #[arg(long, value_delimiter = ',', default_value = "tcp,quic")]
+    pub transports: Vec<String>,
+}
+
+/// One cell: a pairing, a transport, an implementation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cell {
+    /// `port-restricted/port-restricted` or `symmetric/port-restricted`.
+    pub pairing: String,
+    /// `tcp` or `quic`.
+    pub transport: String,
+    /// `servant` or `baseline`.
+    pub implementation: String,
+    /// Trials run.
+    pub trials: usize,
+    /// Trials that ended with a direct connection.
+    pub successes: usize,
+    /// Trials that could not even set up the relayed connection.
+    pub setup_failures: usize,
+    /// Median milliseconds from relayed to direct, over successes.
+    pub median_ms: Option<f64>,
+    /// Every trial's outcome.
+    pub outcomes: Vec<Outcome>,
+}
+
+/// The report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NatReport {
+    /// The parameters.
+    pub params: NatParams,
+    /// Every cell.
+    pub cells: Vec<Cell>,
+    /// Whether every target was met.
+    pub all_targets_met: bool,
+}
+
+const PAIRINGS: [(&str, Nat, Nat, bool); 2] = [
+    (
+        "port-restricted/port-restricted",
+        Nat::PortRestricted,
+        Nat::PortRestricted,
+        true,
+    ),
+    (
+        "symmetric/port-restricted",
+        Nat::Symmetric,
+        Nat::PortRestricted,
+        false,
+    ),
+];
+
+fn listen(transport: &str) -> String {
+    match transport {
+        "quic" => "/ip4/0.0.0.0/udp/4001/quic-v1".into(),
+        _ => "/ip4/0.0.0.0/tcp/4001".into(),
+    }
+}
+
+fn relay_addr(transport: &str) -> String {
+    match transport {
+        "quic" => "/ip4/198.18.0.10/udp/4001/quic-v1".into(),
+        _ => "/ip4/198.18.0.10/tcp/4001".into(),
+    }
+}
+
+/// Waits for a file to appear with content.
+async fn read_when_ready(path: &Path, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if !text.trim().is_empty() {
+                return Ok(text.trim().to_string());
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("{} never appeared", path.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn build_lab(dir: &Path, a: Nat, b: Nat) -> Result<(Lab, String, String, String)> {
+    let mut lab = Lab::new(dir)?;
+    let relay = lab.host("relay", "198.18.0.10")?;
+    let pa = lab.natted_peer("ra", "pa", "198.18.0.21", 1, a)?;
+    let pb = lab.natted_peer("rb", "pb", "198.18.0.22", 2, b)?;
+    Ok((lab, relay, pa, pb))
+}
+
+async fn baseline_trial(dir: &Path, transport: &str, a: Nat, b: Nat) -> Result<Outcome> {
+    let (mut lab, relay, pa, pb) = build_lab(dir, a, b)?;
+    let me = std::env::current_exe()?;
+    let id_file = dir.join("relay.id");
+    let addr_file = dir.join("pb.addr");
+    let out = dir.join("outcome.json");
+    for f in [&id_file, &addr_file, &out] {
+        let _ = std::fs::remove_file(f);
+    }
+    let s = |p: &Path| p.display().to_string();
+    lab.spawn(
+        &relay,
+        "relay",
+        &me,
+        &[
+            "nat-node".into(),
+            "relay".into(),
+            "--listen".into(),
+            listen(transport).replace("0.0.0.0", "198.18.0.10"),
+            "--file".into(),
+            s(&id_file),
+        ],
+    )?;
+    let relay_id = read_when_ready(&id_file, Duration::from_secs(10)).await?;
+    let relay_full = format!("{}/p2p/{relay_id}", relay_addr(transport));
+    lab.spawn(
+        &pb,
+        "pb",
+        &me,
+        &[
+            "nat-node".into(),
+            "listen".into(),
+            "--listen".into(),
+            listen(transport),
+            "--relay".into(),
+            relay_full.clone(),
+            "--file".into(),
+            s(&addr_file),
+        ],
+    )?;
+    let target = read_when_ready(&addr_file, Duration::from_secs(15)).await?;
+    lab.spawn(
+        &pa,
+        "pa",
+        &me,
+        &[
+            "nat-node".into(),
+            "dial".into(),
+            "--listen".into(),
+            listen(transport),
+            "--relay".into(),
+            relay_full,
+            "--target".into(),
+            target,
+            "--file".into(),
+            s(&out),
+        ],
+    )?;
+    let text = read_when_ready(&out, Duration::from_secs(45)).await?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn servant_json(lab: &Lab, ns: &str, args: &[&str]) -> Result<serde_json::Value> {
+    let text = lab.run(ns, &servant_bin()?, args)?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// The servant binary beside this one (`cargo build --release -p servant`).
+fn servant_bin() -> Result<PathBuf> {
+    let bin = std::env::current_exe()?.with_file_name("servant");
+    if !bin.is_file() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p servant`",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+async fn servant_trial(dir: &Path, transport: &str, a: Nat, b: Nat) -> Result<Outcome> {
+    let (mut lab, relay, pa, pb) = build_lab(dir, a, b)?;
+    let bin = servant_bin()?;
+    let key = dir.join("relay.key");
+    let _ = std::fs::remove_file(&key);
+    let generated = std::process::Command::new(&bin)
+        .args(["key", "generate", "--out"])
+        .arg(&key)
+        .output()?;
+    let relay_id = String::from_utf8(generated.stdout)?.trim().to_string();
+    let l = listen(transport);
+    let node = |name: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "run",
+            "--data-dir",
+            &dir.join(name).display().to_string(),
+            "--listen",
+            &l,
+            "--api",
+            "127.0.0.1:5100",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    for name in ["relay", "pa", "pb"] {
+        let _ = std::fs::remove_dir_all(dir.join(name));
+    }
+    lab.spawn(
+        &relay,
+        "relay",
+        &bin,
+        &node(
+            "relay",
+            &[
+                "--role",
+                "super",
+                "--identity-file",
+                &key.display().to_string(),
+                "--announce",
+                &relay_addr(transport),
+            ],
+        ),
+    )?;
+    let boot = format!("{}/p2p/{relay_id}", relay_addr(transport));
+    lab.spawn(
+        &pb,
+        "pb",
+        &bin,
+        &node(
+            "pb",
+            &["--role", "peer", "--bootnode", &boot, "--conn-low", "1"],
+        ),
+    )?;
+    lab.spawn(
+        &pa,
+        "pa",
+        &bin,
+        &node(
+            "pa",
+            &["--role", "peer", "--bootnode", &boot, "--conn-low", "1"],
+        ),
+    )?;
+    // pb's circuit address, once its reservation is accepted.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let target = loop {
+        if let Ok(view) = servant_json(&lab, &pb, &["doctor", "--json"]) {
+            let addr = view["reservations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|r| r["accepted"] == true)
+                .flat_map(|r| r["addrs"].as_array().cloned().unwrap_or_default())
+                .filter_map(|a| a.as_str().map(String::from))
+                .next();
+            if let Some(addr) = addr {
+                break addr;
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("pb got no reservation");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // pa must know its observed address (identify with the relay) before dialing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    servant_json(&lab, &pa, &["connect", &target, "--json"])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = servant_json(&lab, &pa, &["doctor", "--json"])?;
+        let punches = view["holepunches"].as_array().cloned().unwrap_or_default();
+        if let Some(h) = punches
+            .iter()
+            .find(|h| h["success"] == true)
+            .or(punches.first())
+        {
+            return Ok(Outcome {
+                success: h["success"] == true,
+                ms: h["after_ms"].as_f64(),
+                error: h["error"].as_str().map(String::from),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Ok(Outcome {
+                success: false,
+                ms: None,
+                error: Some("no outcome within 30 s".into()),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[v.len() / 2])
+}
+
+/// Runs every cell and writes the report.
+pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
+    if let Err(e) = servant_tests::natlab::available() {
+        bail!("the NAT lab cannot run here: {e}");
+    }
+    let work = tempfile::tempdir()?;
+    let mut cells = Vec::new();
+    for (pairing, a, b, _) in PAIRINGS {
+        for transport in &params.transports {
+            for implementation in ["servant", "baseline"] {
+                let mut outcomes = Vec::new();
+                let mut setup_failures = 0;
+                for trial in 0..params.trials {
+                    let dir = work.path().join(format!("{implementation}-{trial}"));
+                    std::fs::create_dir_all(&dir)?;
+                    let outcome = match implementation {
+                        "servant" => servant_trial(&dir, transport, a, b).await,
+                        _ => baseline_trial(&dir, transport, a, b).await,
+                    };
+                    let outcome = outcome.unwrap_or_else(|e| {
+                        setup_failures += 1;
+                        Outcome {
+                            success: false,
+                            ms: None,
+                            error: Some(format!("setup: {e:#}")),
+                        }
+                    });
+                    eprintln!(
+                        "[nat] {pairing} {transport} {implementation} {}/{}: {}",
+                        trial + 1,
+                        params.trials,
+                        if outcome.success {
+                            format!("direct after {:.0} ms", outcome.ms.unwrap_or(f64::NAN))
+                        } else {
+                            outcome.error.clone().unwrap_or_default()
+                        }
+                    );
+                    outcomes.push(outcome);
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                let successes = outcomes.iter().filter(|o| o.success).count();
+                cells.push(Cell {
+                    pairing: pairing.into(),
+                    transport: transport.clone(),
+                    implementation: implementation.into(),
+                    trials: params.trials,
+                    successes,
+                    setup_failures,
+                    median_ms: median(
+                        outcomes
+                            .iter()
+                            .filter(|o| o.success)
+                            .filter_map(|o| o.ms)
+                            .collect(),
+                    ),
+                    outcomes,
+                });
+            }
+        }
+    }
+    let mut lines =
+        vec![["cell", "Servant", "baseline", "ratio", "target", "result"].map(String::from)];
+    let mut all_met = true;
+    for (pairing, _, _, possible) in PAIRINGS {
+        for transport in &params.transports {
+            let find = |imp: &str| {
+                cells.iter().find(|c| {
+                    c.pairing == pairing && &c.transport == transport && c.implementation == imp
+                })
+            };
+            let (Some(s), Some(b)) = (find("servant"), find("baseline")) else {
+                continue;
+            };
+            let rate = |c: &Cell| 100.0 * c.successes as f64 / c.trials.max(1) as f64;
+            let (target, pass) = if possible {
+                ("≥ 95%", rate(s) >= 95.0)
+            } else {
+                ("0% (impossible)", s.successes == 0)
+            };
+            all_met &= pass;
+            lines.push(report::cells(
+                &format!("{pairing} {transport}: direct"),
+                "%",
+                rate(s),
+                rate(b),
+                None,
+                target,
+                Some(pass),
+            ));
+            if let (Some(sm), Some(bm)) = (s.median_ms, b.median_ms) {
+                let pass = sm <= bm * 1.25 + 5.0;
+                all_met &= pass;
+                lines.push(report::cells(
+                    &format!("{pairing} {transport}: median relayed→direct"),
+                    "ms",
+                    sm,
+                    bm,
+                    Some(sm / bm),
+                    "≤ baseline",
+                    Some(pass),
+                ));
+            }
+        }
+    }
+    let mut table = format!(
+        "nat: {} trials per cell, fresh namespaces each; Servant forced to its roles; baseline: bare rust-libp2p relay, relay client, identify, ping and dcutr\n\n",
+        params.trials
+    );
+    report::write_table(&mut table, &lines);
+    table.push_str(if all_met {
+        "\nALL TARGETS MET\n"
+    } else {
+        "\nTARGETS MISSED\n"
+    });
+    let report = NatReport {
+        params: params.clone(),
+        cells,
+        all_targets_met: all_met,
+    };
+    crate::publish(out, &report, &table)?;
+    Ok(report)
+}

@@ -1,0 +1,186 @@
+//! The baseline of `nat`: plain rust-libp2p, nothing of Servant. A relay server, and
+//! peers with the relay client, identify, ping and DCUtR, built the way rust-libp2p's
+//! own relay-server and dcutr examples build them.
+//!
+//! One binary, three modes (this program re-executed in a lab namespace):
+//! `relay` serves circuits; `listen` reserves on the relay and writes its circuit
+//! address to a file; `dial` dials that address and writes the hole punch's outcome
+//! (and the time from the relayed connection to the direct one) to a file.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use libp2p::{
+    core::ConnectedPoint,
+    dcutr, identify, identity,
+    multiaddr::Protocol,
+    noise, ping, relay,
+    swarm::{NetworkBehaviour, SwarmEvent},
+    tcp, yamux, Multiaddr, Swarm,
+};
+use serde::{Deserialize, Serialize};
+
+/// What the dialer reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outcome {
+    /// A direct connection replaced the relayed one.
+    pub success: bool,
+    /// Milliseconds from the relayed connection to the hole punch's outcome.
+    pub ms: Option<f64>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+#[derive(NetworkBehaviour)]
+struct Peer {
+    relay_client: relay::client::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    dcutr: dcutr::Behaviour,
+}
+
+#[derive(NetworkBehaviour)]
+struct Relay {
+    relay: relay::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+}
+
+fn identify_config(key: &identity::Keypair) -> identify::Config {
+    identify::Config::new("/bench-nat/1.0.0".into(), key.public())
+}
+
+fn peer_swarm() -> Result<Swarm<Peer>> {
+    Ok(libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
+        .with_quic()
+        .with_relay_client(noise::Config::new, yamux::Config::default)?
+        .with_behaviour(|key, relay_client| Peer {
+            relay_client,
+            identify: identify::Behaviour::new(identify_config(key)),
+            ping: ping::Behaviour::default(),
+            dcutr: dcutr::Behaviour::new(key.public().to_peer_id()),
+        })?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build())
+}
+
+/// The relay: listens on `listen` (announced as its external address, as a public
+/// relay is configured) and serves until killed.
+pub async fn relay(listen: Multiaddr, id_file: &Path) -> Result<()> {
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
+        .with_quic()
+        .with_behaviour(|key| Relay {
+            relay: relay::Behaviour::new(key.public().to_peer_id(), relay::Config::default()),
+            identify: identify::Behaviour::new(identify_config(key)),
+            ping: ping::Behaviour::default(),
+        })?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    swarm.listen_on(listen.clone())?;
+    swarm.add_external_address(listen);
+    std::fs::write(id_file, swarm.local_peer_id().to_string())?;
+    loop {
+        swarm.select_next_some().await;
+    }
+}
+
+/// Listens on `listen` and through the relay at `relay`; writes the circuit address
+/// to `addr_file` once the relay accepted the reservation; runs until killed.
+pub async fn listen(listen: Multiaddr, relay: Multiaddr, addr_file: &Path) -> Result<()> {
+    let mut swarm = peer_swarm()?;
+    swarm.listen_on(listen)?;
+    // Learn our observed address from the relay before reserving, as the dcutr
+    // example does.
+    swarm.dial(relay.clone())?;
+    swarm.listen_on(relay.with(Protocol::P2pCircuit))?;
+    let local = *swarm.local_peer_id();
+    loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+            if address.iter().any(|p| p == Protocol::P2pCircuit) {
+                let full = address.with_p2p(local).unwrap_or_else(|a| a);
+                std::fs::write(addr_file, full.to_string())?;
+            }
+        }
+    }
+}
+
+/// Dials `target` (a circuit address) and reports the hole punch to `out`.
+pub async fn dial(
+    listen: Multiaddr,
+    relay: Multiaddr,
+    target: Multiaddr,
+    out: &Path,
+) -> Result<()> {
+    let mut swarm = peer_swarm()?;
+    swarm.listen_on(listen)?;
+    swarm.dial(relay)?;
+    // Wait for identify with the relay, so our observed address is known (DCUtR
+    // sends it to the other side).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
+            .await
+            .context("no identify from the relay")?;
+        if let SwarmEvent::Behaviour(PeerEvent::Identify(identify::Event::Received { .. })) = event
+        {
+            break;
+        }
+    }
+    swarm.dial(target)?;
+    let mut relayed_at: Option<Instant> = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let outcome = loop {
+        let Ok(event) = tokio::time::timeout_at(deadline, swarm.select_next_some()).await else {
+            break Outcome {
+                success: false,
+                ms: None,
+                error: Some("no outcome within 30 s".into()),
+            };
+        };
+        match event {
+            SwarmEvent::ConnectionEstablished {
+                endpoint: ConnectedPoint::Dialer { address, .. },
+                ..
+            } if address.iter().any(|p| p == Protocol::P2pCircuit) => {
+                relayed_at.get_or_insert_with(Instant::now);
+            }
+            SwarmEvent::Behaviour(PeerEvent::Dcutr(e)) => {
+                let ms = relayed_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+                break match e.result {
+                    Ok(_) => Outcome {
+                        success: true,
+                        ms,
+                        error: None,
+                    },
+                    Err(err) => Outcome {
+                        success: false,
+                        ms,
+                        error: Some(err.to_string()),
+                    },
+                };
+            }
+            SwarmEvent::OutgoingConnectionError { error, .. } if relayed_at.is_none() => {
+                bail!("dial failed: {error}");
+            }
+            _ => {}
+        }
+    };
+    std::fs::write(out, serde_json::to_vec(&outcome)?)?;
+    Ok(())
+}
