@@ -479,10 +479,7 @@ impl EventLoop {
         num_established: u32,
     ) {
         let now = Instant::now();
-        let (addr, outbound) = match &endpoint {
-            ConnectedPoint::Dialer { address, .. } => (address.clone(), true),
-            ConnectedPoint::Listener { send_back_addr, .. } => (send_back_addr.clone(), false),
-        };
+        let (addr, outbound) = endpoint_addr(&endpoint);
         let dialed_by_us = self.dial_sources.remove(&connection_id).is_some();
         // A peer we set out to dial may be reached first by someone else's dial (a
         // Kademlia query to the same peer): that connection is the one we wanted.
@@ -549,10 +546,8 @@ impl EventLoop {
         num_established: u32,
         cause: Option<libp2p::swarm::ConnectionError>,
     ) {
-        let (addr, outbound) = match &endpoint {
-            ConnectedPoint::Dialer { address, .. } => (address, true),
-            ConnectedPoint::Listener { send_back_addr, .. } => (send_back_addr, false),
-        };
+        let (addr, outbound) = endpoint_addr(&endpoint);
+        let addr = &addr;
         self.metrics
             .connections
             .get_or_create(&connection_label(addr, outbound))
@@ -1417,6 +1412,19 @@ fn usefulness(
         score += (now.duration_since(state.since).as_secs_f64() / 60.0).min(30.0);
     }
     score
+}
+
+/// The address a connection is known by, and whether we dialed it. A relayed
+/// inbound connection's send-back address is only the remote's `/p2p/` id; its
+/// local address, the circuit it arrived through, says what it is.
+fn endpoint_addr(endpoint: &ConnectedPoint) -> (Multiaddr, bool) {
+    match endpoint {
+        ConnectedPoint::Dialer { address, .. } => (address.clone(), true),
+        ConnectedPoint::Listener { local_addr, .. } if crate::addr::is_relayed(local_addr) => {
+            (local_addr.clone(), false)
+        }
+        ConnectedPoint::Listener { send_back_addr, .. } => (send_back_addr.clone(), false),
+    }
 }
 
 fn connection_label(addr: &Multiaddr, outbound: bool) -> ConnectionLabel {

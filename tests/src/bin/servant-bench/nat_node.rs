@@ -100,18 +100,33 @@ pub async fn relay(listen: Multiaddr, id_file: &Path) -> Result<()> {
     }
 }
 
+/// Waits for identify with the relay, so our observed address is known (DCUtR sends
+/// it to the other side), as rust-libp2p's dcutr example does before reserving.
+async fn wait_identify(swarm: &mut Swarm<Peer>) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
+            .await
+            .context("no identify from the relay")?;
+        if let SwarmEvent::Behaviour(PeerEvent::Identify(identify::Event::Received { .. })) = event
+        {
+            return Ok(());
+        }
+    }
+}
+
 /// Listens on `listen` and through the relay at `relay`; writes the circuit address
 /// to `addr_file` once the relay accepted the reservation; runs until killed.
 pub async fn listen(listen: Multiaddr, relay: Multiaddr, addr_file: &Path) -> Result<()> {
     let mut swarm = peer_swarm()?;
     swarm.listen_on(listen)?;
-    // Learn our observed address from the relay before reserving, as the dcutr
-    // example does.
     swarm.dial(relay.clone())?;
+    wait_identify(&mut swarm).await?;
     swarm.listen_on(relay.with(Protocol::P2pCircuit))?;
     let local = *swarm.local_peer_id();
     loop {
-        if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+        let event = swarm.select_next_some().await;
+        if let SwarmEvent::NewListenAddr { address, .. } = event {
             if address.iter().any(|p| p == Protocol::P2pCircuit) {
                 let full = address.with_p2p(local).unwrap_or_else(|a| a);
                 std::fs::write(addr_file, full.to_string())?;
@@ -130,27 +145,16 @@ pub async fn dial(
     let mut swarm = peer_swarm()?;
     swarm.listen_on(listen)?;
     swarm.dial(relay)?;
-    // Wait for identify with the relay, so our observed address is known (DCUtR
-    // sends it to the other side).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
-            .await
-            .context("no identify from the relay")?;
-        if let SwarmEvent::Behaviour(PeerEvent::Identify(identify::Event::Received { .. })) = event
-        {
-            break;
-        }
-    }
+    wait_identify(&mut swarm).await?;
     swarm.dial(target)?;
     let mut relayed_at: Option<Instant> = None;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(crate::nat::OUTCOME_WAIT);
     let outcome = loop {
         let Ok(event) = tokio::time::timeout_at(deadline, swarm.select_next_some()).await else {
             break Outcome {
                 success: false,
                 ms: None,
-                error: Some("no outcome within 30 s".into()),
+                error: Some(format!("no outcome within {} s", crate::nat::OUTCOME_WAIT)),
             };
         };
         match event {
