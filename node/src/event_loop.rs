@@ -953,6 +953,10 @@ impl EventLoop {
             self.dial(candidate);
         }
         for peer in plan.trim {
+            // Our relays are protected like bootnodes: the reservation is our address.
+            if self.traversal.is_relay(&peer) {
+                continue;
+            }
             tracing::debug!(%peer, "trimming connection above the high watermark");
             self.metrics.peers_trimmed.inc();
             let _ = self.swarm.disconnect_peer_id(peer);
