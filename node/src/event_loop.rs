@@ -916,6 +916,8 @@ impl EventLoop {
         let now = Instant::now();
         self.files.on_tick(&mut self.swarm);
         self.traversal.tick(&mut self.swarm, now);
+        // Our relays are protected like bootnodes: the reservation is our address.
+        self.peer_manager.set_relays(self.traversal.relays());
         let duplicated: Vec<PeerId> = self
             .peers
             .iter()
@@ -953,10 +955,6 @@ impl EventLoop {
             self.dial(candidate);
         }
         for peer in plan.trim {
-            // Our relays are protected like bootnodes: the reservation is our address.
-            if self.traversal.is_relay(&peer) {
-                continue;
-            }
             tracing::debug!(%peer, "trimming connection above the high watermark");
             self.metrics.peers_trimmed.inc();
             let _ = self.swarm.disconnect_peer_id(peer);

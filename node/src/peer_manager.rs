@@ -99,6 +99,8 @@ pub struct PeerManager {
     bootnodes_reached: HashSet<PeerId>,
     /// Peers connected on purpose (`servant connect`): never trimmed.
     explicit: HashSet<PeerId>,
+    /// Relays this node holds reservations on: its address lives on them.
+    relays: HashSet<PeerId>,
     connected: HashMap<PeerId, Instant>,
     dialing: HashMap<PeerId, Instant>,
     backoff: HashMap<PeerId, Backoff>,
@@ -121,6 +123,7 @@ impl PeerManager {
             bootnodes: by_peer,
             bootnodes_reached: HashSet::new(),
             explicit: HashSet::new(),
+            relays: HashSet::new(),
             connected: HashMap::new(),
             dialing: HashMap::new(),
             backoff: HashMap::new(),
@@ -130,7 +133,14 @@ impl PeerManager {
 
     /// Whether `peer` is never trimmed.
     pub fn is_protected(&self, peer: &PeerId) -> bool {
-        self.bootnodes.contains_key(peer) || self.explicit.contains(peer)
+        self.bootnodes.contains_key(peer)
+            || self.explicit.contains(peer)
+            || self.relays.contains(peer)
+    }
+
+    /// The relays this node holds reservations on now; they are protected.
+    pub fn set_relays(&mut self, relays: HashSet<PeerId>) {
+        self.relays = relays;
     }
 
     /// Whether `peer` is a configured bootnode.

@@ -247,6 +247,11 @@ impl Relays {
         self.held.contains_key(peer)
     }
 
+    /// Our relays (reservations held or under way).
+    pub fn relays(&self) -> std::collections::HashSet<PeerId> {
+        self.held.keys().copied().collect()
+    }
+
     /// Accepted reservations.
     pub fn accepted(&self) -> usize {
         self.held.values().filter(|r| r.accepted).count()

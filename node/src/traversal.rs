@@ -154,6 +154,11 @@ impl Traversal {
         self.relays.is_relay(peer)
     }
 
+    /// Our relays now, for the peer manager to protect.
+    pub fn relays(&self) -> HashSet<PeerId> {
+        self.relays.relays()
+    }
+
     /// The current verdict.
     pub fn reachability(&self) -> Reachability {
         self.reach.verdict().status()

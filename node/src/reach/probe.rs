@@ -46,7 +46,7 @@ impl DialBacks {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn expect(&self, nonce: u64) {
+    fn await_nonce(&self, nonce: u64) {
         self.lock().insert(nonce, false);
     }
 
@@ -74,7 +74,7 @@ pub async fn probe(
     addr: Multiaddr,
     nonce: u64,
 ) -> ProbeOutcome {
-    dial_backs.expect(nonce);
+    dial_backs.await_nonce(nonce);
     let outcome = tokio::time::timeout(PROBE_TIMEOUT, exchange(&mut control, server, &addr, nonce))
         .await
         .unwrap_or_else(|_| Err("timed out".into()));
