@@ -18,6 +18,9 @@ cargo build --locked --workspace --all-targets
 step "lints"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
+step "advisories"
+bash tests/advisories.sh
+
 step "tests"
 cargo test --locked --workspace --no-fail-fast -- --nocapture
 

@@ -170,16 +170,10 @@ impl Api {
         self.listener.local_addr().ok()
     }
 
-    /// Serves until `shutdown` turns true.
-    pub async fn serve(self, mut shutdown: watch::Receiver<bool>) {
-        let result = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "API server failed");
-        }
+    /// Serves until `shutdown` turns true, with connections capped and headers on a
+    /// deadline (see `http_server`).
+    pub async fn serve(self, shutdown: watch::Receiver<bool>) {
+        crate::http_server::serve(self.listener, self.router, shutdown).await;
     }
 }
 
@@ -296,13 +290,20 @@ async fn livez(State(state): State<AppState>) -> Response {
 
 async fn readyz(State(state): State<AppState>) -> Response {
     let health = state.health.borrow().clone();
+    // Warnings do not fail the probe: a node at its connection caps still serves
+    // the peers it has. They are in the body for whoever reads it.
+    let warnings: String = health
+        .warnings
+        .iter()
+        .map(|w| format!("warning: {w}\n"))
+        .collect();
     if health.ready {
-        (StatusCode::OK, "ready\n").into_response()
+        (StatusCode::OK, format!("ready\n{warnings}")).into_response()
     } else {
         let reason = health.not_ready_reason.unwrap_or_else(|| "starting".into());
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {reason}\n"),
+            format!("not ready: {reason}\n{warnings}"),
         )
             .into_response()
     }

@@ -14,7 +14,7 @@ use libp2p::{
     dcutr, gossipsub, identify,
     identity::Keypair,
     kad, ping, relay, request_response,
-    swarm::NetworkBehaviour,
+    swarm::{behaviour::toggle::Toggle, NetworkBehaviour},
     StreamProtocol,
 };
 
@@ -26,6 +26,7 @@ use crate::{
     deny, keep_alive,
     provider_store::ProviderStore,
     reach,
+    subscription_cap::SubscriptionCap,
 };
 
 /// Identify's protocol version: peers on another version are other networks.
@@ -58,6 +59,8 @@ pub struct Behaviour {
     pub deny: deny::Behaviour,
     /// Hard caps on established and pending connections.
     pub limits: connection_limits::Behaviour,
+    /// Hard cap on inbound connections per remote IP address.
+    pub ip_limits: crate::ip_limits::Behaviour,
     /// Keeps connections open until the peer manager trims them.
     pub keep_alive: keep_alive::Behaviour,
     /// Exchanges listen addresses, protocols and versions; feeds Kademlia.
@@ -67,7 +70,7 @@ pub struct Behaviour {
     /// Peer discovery on Servant's private DHT.
     pub kad: kad::Behaviour<ProviderStore>,
     /// Broadcast: signed messages, content-hash ids, validation by the node, scoring.
-    pub gossipsub: gossipsub::Behaviour,
+    pub gossipsub: Gossipsub,
     /// Manifests and chunks, `/servant/file/1.0.0`.
     pub file: request_response::Behaviour<FileCodec>,
     /// Queries with a time-to-live and their hits, `/servant/search/1.0.0`.
@@ -82,6 +85,8 @@ pub struct Behaviour {
     pub relay_client: relay::client::Behaviour,
     /// Upgrades relayed connections to direct ones by hole punching.
     pub dcutr: dcutr::Behaviour,
+    /// Port mapping on the local gateway by UPnP, unless turned off (`--no-upnp`).
+    pub upnp: Toggle<crate::upnp::Behaviour>,
 }
 
 /// Why the behaviour could not be built (a parameter gossipsub refused).
@@ -145,6 +150,7 @@ impl Behaviour {
         Ok(Behaviour {
             deny: deny::Behaviour::new(deny_list),
             limits: connection_limits::Behaviour::new(limits),
+            ip_limits: crate::ip_limits::Behaviour::new(config.max_connections_per_ip),
             keep_alive: keep_alive::Behaviour::default(),
             identify,
             ping,
@@ -167,6 +173,7 @@ impl Behaviour {
             relay,
             relay_client,
             dcutr: dcutr::Behaviour::new(peer_id),
+            upnp: Toggle::from(config.upnp.then(crate::upnp::Behaviour::new)),
         })
     }
 }
@@ -194,6 +201,9 @@ fn gossipsub_config(validate: bool) -> Result<gossipsub::Config, BehaviourError>
     })
 }
 
+/// Gossipsub with each remote peer's remembered topics capped.
+pub type Gossipsub = gossipsub::Behaviour<gossipsub::IdentityTransform, SubscriptionCap>;
+
 /// Gossipsub as Servant runs it: signed, strict, scored, with its metrics in
 /// `registry`. `validate` holds each message for the node's envelope check before
 /// forwarding; benchmarks turn it off for a bare baseline that is otherwise identical.
@@ -201,15 +211,18 @@ pub fn build_gossipsub(
     key: &Keypair,
     registry: &mut Registry,
     validate: bool,
-) -> Result<gossipsub::Behaviour, BehaviourError> {
+) -> Result<Gossipsub, BehaviourError> {
     let err = |reason: String| BehaviourError {
         protocol: "gossipsub",
         reason,
     };
     let config = gossipsub_config(validate)?;
-    let behaviour =
-        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)
-            .map_err(|e| err(e.to_string()))?;
+    let behaviour = gossipsub::Behaviour::new_with_subscription_filter(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        config,
+        crate::subscription_cap::subscription_cap(),
+    )
+    .map_err(|e| err(e.to_string()))?;
     // Gossipsub's own families (mesh sizes, duplicates, scores) under
     // libp2p_gossipsub_*, labelled only by topics this node joins.
     let thresholds = gossipsub::PeerScoreThresholds::default();

@@ -195,7 +195,7 @@ impl Broadcast {
     /// Joins `topic` (if not yet) and returns a receiver of its deliveries.
     pub fn join(
         &mut self,
-        gossipsub: &mut gossipsub::Behaviour,
+        gossipsub: &mut crate::behaviour::Gossipsub,
         topic: &str,
         pinned: bool,
     ) -> Result<broadcast::Receiver<Arc<Delivery>>, BroadcastError> {
@@ -229,7 +229,7 @@ impl Broadcast {
     }
 
     /// Leaves topics that nobody listens to any more and the config does not pin.
-    pub fn leave_idle(&mut self, gossipsub: &mut gossipsub::Behaviour, now: Instant) {
+    pub fn leave_idle(&mut self, gossipsub: &mut crate::behaviour::Gossipsub, now: Instant) {
         let mut leave = Vec::new();
         for (name, state) in self.topics.iter_mut() {
             if state.pinned || state.sender.receiver_count() > 0 {
@@ -251,7 +251,7 @@ impl Broadcast {
     /// Publishes a message from this node and delivers it to local subscribers.
     pub fn publish(
         &mut self,
-        gossipsub: &mut gossipsub::Behaviour,
+        gossipsub: &mut crate::behaviour::Gossipsub,
         topic: &str,
         title: String,
         body: String,

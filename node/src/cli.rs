@@ -53,6 +53,15 @@ enum Cmd {
     Peers(ApiArgs),
     /// Explain this node's connectivity in plain words, and what to do about it.
     Doctor(ApiArgs),
+    /// Exit 0 when the running node is live (`/livez`), or ready with --ready
+    /// (`/readyz`); 1 otherwise. For container health checks, which have no curl.
+    Health {
+        /// Check `/readyz` (joined the network) instead of `/livez`.
+        #[arg(long)]
+        ready: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Dial a peer by multiaddr or PeerId and keep the connection.
     Connect {
         /// A multiaddr (/ip4/.../tcp/4001/p2p/12D3...) or a PeerId.
@@ -171,6 +180,13 @@ struct IdCmd {
 
 #[derive(Debug, Subcommand)]
 enum KeyCmd {
+    /// Generate a private network's pre-shared key (mode 0600) and print its
+    /// fingerprint; give the file to every member as psk_file.
+    Psk {
+        /// Where to write it; an existing file is never overwritten.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Generate a new ed25519 identity key (mode 0600) and print its PeerId.
     Generate {
         /// Where to write it; an existing file is never overwritten.
@@ -214,6 +230,9 @@ pub fn main() -> ExitCode {
         Cmd::Key {
             command: KeyCmd::Generate { out, json },
         } => key_generate(out, json),
+        Cmd::Key {
+            command: KeyCmd::Psk { out },
+        } => psk_generate(&out),
         other => client_command(other),
     }
 }
@@ -414,6 +433,28 @@ fn key_generate(out: PathBuf, json: bool) -> ExitCode {
     }
 }
 
+fn psk_generate(out: &std::path::Path) -> ExitCode {
+    if out.exists() {
+        eprintln!(
+            "servant: {} exists; a network's key is never overwritten",
+            out.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let psk = libp2p::pnet::PreSharedKey::new(rand::random());
+    let fingerprint = psk.fingerprint();
+    match crate::datadir::write_atomic(out, psk.to_key_file().as_bytes(), 0o600) {
+        Ok(()) => {
+            println!("{fingerprint}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("servant: cannot write {}: {e}", out.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
 // ------------------------------------------------------------------ API client
 
 /// Talks to a node's HTTP API.
@@ -554,6 +595,14 @@ async fn client_run(cmd: Cmd) -> Result<(), ClientError> {
                 let (reach, _): (crate::traversal::ReachView, _) = client.get("/v1/reach").await?;
                 print_reach(&reach);
             }
+        }
+        Cmd::Health { ready, api } => {
+            let client = ApiClient::new(&api)?;
+            let path = if ready { "/readyz" } else { "/livez" };
+            let response = client
+                .send(client.request(reqwest::Method::GET, path))
+                .await?;
+            println!("{path}: {}", response.status());
         }
         Cmd::Doctor(api) => {
             let client = ApiClient::new(&api)?;

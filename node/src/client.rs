@@ -282,6 +282,10 @@ pub struct PeerView {
     pub protected: bool,
     /// Its gossipsub score as this node sees it.
     pub gossipsub_score: Option<f64>,
+    /// Topics gossipsub remembers it subscribing to (capped per peer, see
+    /// `subscription_cap`).
+    #[serde(default)]
+    pub gossip_topics: usize,
 }
 
 /// The outcome of `servant connect`.

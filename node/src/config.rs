@@ -59,12 +59,21 @@ pub struct Config {
     pub max_connections_per_peer: u32,
     /// Hard cap on connections still in their handshake, each direction.
     pub max_pending_connections: u32,
+    /// Hard cap on inbound connections from one IP address (relayed ones excluded).
+    pub max_connections_per_ip: u32,
     /// PeerIds that may not connect (the seeds' ban list). Runtime bans are kept in the
     /// data dir and added to these.
     pub deny_peers: Vec<PeerId>,
     /// IP ranges that may not connect, as CIDRs (`10.0.0.0/8`, `2001:db8::/32`) or
     /// single addresses.
     pub deny_cidrs: Vec<IpNet>,
+    /// A private network's pre-shared key (the `/key/swarm/psk/1.0.0/` file format):
+    /// only nodes holding the same key complete a handshake. QUIC cannot carry it, so
+    /// a node with a key speaks TCP only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psk_file: Option<PathBuf>,
+    /// If not empty, the only PeerIds that may connect, either way.
+    pub allow_peers: Vec<PeerId>,
     /// Topics the node joins at start, so it relays them even with no local subscriber.
     pub topics: Vec<String>,
     /// Broadcasts older than this are rejected; it is what makes late replays harmless.
@@ -99,6 +108,9 @@ pub struct Config {
     pub relay_profile: RelayProfile,
     /// How often reachability is probed again from scratch.
     pub reach_probe_interval: HumanDuration,
+    /// Ask the local gateway (a home router) to forward the p2p ports by UPnP. A mapped
+    /// address is confirmed by dial-backs like any other before it counts.
+    pub upnp: bool,
     /// Log filter: a level (`info`) or tracing directives (`info,libp2p_gossipsub=debug`).
     /// `RUST_LOG`, when set, is used if neither the flag nor `SERVANT_LOG_LEVEL` is.
     pub log_level: String,
@@ -119,9 +131,12 @@ impl Default for Config {
             conn_low: 8,
             conn_high: 32,
             max_connections: 256,
-            max_connections_per_peer: 2,
+            max_connections_per_peer: 3,
             max_pending_connections: 64,
+            max_connections_per_ip: 16,
             deny_peers: Vec::new(),
+            psk_file: None,
+            allow_peers: Vec::new(),
             deny_cidrs: Vec::new(),
             topics: Vec::new(),
             max_message_age: HumanDuration(Duration::from_secs(300)),
@@ -138,6 +153,7 @@ impl Default for Config {
             role: crate::role::RoleSetting::Auto,
             relay_profile: RelayProfile::Signaling,
             reach_probe_interval: HumanDuration(Duration::from_secs(600)),
+            upnp: true,
             log_level: "info".to_string(),
             log_format: LogFormat::Text,
         }
@@ -391,7 +407,7 @@ pub struct RunArgs {
     #[arg(long, env = "SERVANT_MAX_CONNECTIONS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
-    /// Maximum established connections per peer [default: 2].
+    /// Maximum established connections per peer [default: 3].
     #[arg(long, env = "SERVANT_MAX_CONNECTIONS_PER_PEER", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections_per_peer: Option<u32>,
@@ -399,6 +415,10 @@ pub struct RunArgs {
     #[arg(long, env = "SERVANT_MAX_PENDING_CONNECTIONS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_pending_connections: Option<u32>,
+    /// Maximum inbound connections from one IP address [default: 16].
+    #[arg(long, env = "SERVANT_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_ip: Option<u32>,
     /// PeerId to refuse; repeat or separate with commas.
     #[arg(long = "deny-peer", env = "SERVANT_DENY_PEERS", value_name = "PEERID", value_delimiter = ',', value_parser = parse_peer_id)]
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -407,6 +427,14 @@ pub struct RunArgs {
     #[arg(long = "deny-cidr", env = "SERVANT_DENY_CIDRS", value_name = "CIDR", value_delimiter = ',', value_parser = parse_cidr)]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub deny_cidrs: Vec<IpNet>,
+    /// Private network: the pre-shared key file (TCP only; QUIC cannot carry it).
+    #[arg(long, env = "SERVANT_PSK_FILE", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psk_file: Option<PathBuf>,
+    /// PeerId allowed to connect (then no other is); repeat or separate with commas.
+    #[arg(long = "allow-peer", env = "SERVANT_ALLOW_PEERS", value_name = "PEERID", value_delimiter = ',', value_parser = parse_peer_id)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow_peers: Vec<PeerId>,
     /// Topic to join at start; repeat or separate with commas.
     #[arg(
         long = "topic",
@@ -472,6 +500,14 @@ pub struct RunArgs {
     #[arg(long, env = "SERVANT_REACH_PROBE_INTERVAL", value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reach_probe_interval: Option<HumanDuration>,
+    /// UPnP port mapping on the local gateway: true or false [default: true].
+    #[arg(long, env = "SERVANT_UPNP", value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upnp: Option<bool>,
+    /// Turn UPnP port mapping off (the same as `--upnp false`).
+    #[arg(long = "no-upnp", conflicts_with = "upnp")]
+    #[serde(skip)]
+    pub no_upnp: bool,
     /// Log filter (level or tracing directives) [default: info].
     #[arg(long, env = "SERVANT_LOG_LEVEL", value_name = "FILTER")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -528,6 +564,19 @@ impl Config {
         for (key, value) in overlay {
             table.insert(key, value);
         }
+        if args.no_upnp {
+            table.insert("upnp".into(), toml::Value::Boolean(false));
+        }
+        // The default listeners include QUIC, which a private network cannot use: a
+        // node given a key and no listen addresses listens on TCP only.
+        if table.contains_key("psk_file") && !table.contains_key("listen") {
+            let tcp_only: Vec<toml::Value> = default_listen(DEFAULT_P2P_PORT, host_has_ipv6())
+                .into_iter()
+                .filter(|a| !is_quic(a))
+                .map(|a| toml::Value::String(a.to_string()))
+                .collect();
+            table.insert("listen".into(), toml::Value::Array(tcp_only));
+        }
         // Flags and env were typed by clap already, so an error here is a mistake in
         // the file that `read_file_table` could not see on its own.
         let config =
@@ -558,6 +607,23 @@ impl Config {
         for addr in &self.bootnodes {
             check_bootnode(addr)?;
         }
+        if let Some(path) = &self.psk_file {
+            read_psk(path)?;
+            let quic = [
+                ("listen", &self.listen),
+                ("bootnodes", &self.bootnodes),
+                ("announce", &self.announce),
+            ];
+            for (key, addrs) in quic {
+                if let Some(addr) = addrs.iter().find(|a| is_quic(a)) {
+                    return Err(ConfigError::invalid(
+                        key,
+                        addr,
+                        "QUIC cannot carry a private network's pre-shared key (psk_file): use a TCP address",
+                    ));
+                }
+            }
+        }
         for addr in &self.announce {
             if addr.iter().any(|p| matches!(p, Protocol::P2p(_))) {
                 return Err(ConfigError::invalid(
@@ -573,6 +639,7 @@ impl Config {
             ("max_connections", self.max_connections),
             ("max_connections_per_peer", self.max_connections_per_peer),
             ("max_pending_connections", self.max_pending_connections),
+            ("max_connections_per_ip", self.max_connections_per_ip),
             (
                 "serve_concurrency_per_peer",
                 self.serve_concurrency_per_peer,
@@ -602,6 +669,48 @@ impl Config {
                 format!(
                     "must not exceed max_connections ({}): the watermark could never be reached",
                     self.max_connections
+                ),
+            ));
+        }
+        // Caps that a larger cap makes unreachable contradict each other: the operator
+        // meant one of them, and the node cannot tell which.
+        let under_total = [
+            ("max_connections_per_peer", self.max_connections_per_peer),
+            ("max_connections_per_ip", self.max_connections_per_ip),
+        ];
+        for (key, value) in under_total {
+            if value > self.max_connections {
+                return Err(ConfigError::invalid(
+                    key,
+                    value,
+                    format!(
+                        "must not exceed max_connections ({}): the cap could never be reached",
+                        self.max_connections
+                    ),
+                ));
+            }
+        }
+        let streams = u64::from(self.max_connections_per_peer)
+            * crate::behaviour::FILE_STREAMS_PER_CONNECTION as u64;
+        if u64::from(self.serve_concurrency_per_peer) > streams {
+            return Err(ConfigError::invalid(
+                "serve_concurrency_per_peer",
+                self.serve_concurrency_per_peer,
+                format!(
+                    "must not exceed {streams}: a peer gets at most {} file streams on each of \
+                     its max_connections_per_peer ({}) connections",
+                    crate::behaviour::FILE_STREAMS_PER_CONNECTION,
+                    self.max_connections_per_peer
+                ),
+            ));
+        }
+        if self.store_quota.get() < self.chunk_size.get() {
+            return Err(ConfigError::invalid(
+                "store_quota",
+                self.store_quota,
+                format!(
+                    "must be at least chunk_size ({}): the store could not keep one fetched chunk",
+                    self.chunk_size
                 ),
             ));
         }
@@ -723,6 +832,27 @@ fn check_listen_addr(addr: &Multiaddr) -> Result<(), ConfigError> {
     }
 }
 
+fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
+}
+
+/// Reads a private network's pre-shared key file.
+pub fn read_psk(path: &Path) -> Result<libp2p::pnet::PreSharedKey, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::invalid("psk_file", path.display(), format!("cannot read it: {e}"))
+    })?;
+    text.parse().map_err(|e| {
+        ConfigError::invalid(
+            "psk_file",
+            path.display(),
+            format!(
+                "not a pre-shared key file (/key/swarm/psk/1.0.0/, /base16/, 64 hex digits): {e}"
+            ),
+        )
+    })
+}
+
 fn check_bootnode(addr: &Multiaddr) -> Result<(), ConfigError> {
     if !crate::addr::is_dialable(addr) {
         return Err(ConfigError::invalid(
@@ -804,6 +934,7 @@ mod tests {
         let full = toml::Table::try_from(Config {
             identity_file: Some("x".into()),
             api_token_file: Some("y".into()),
+            psk_file: Some("z".into()),
             ..Config::default()
         })
         .unwrap();
@@ -812,12 +943,13 @@ mod tests {
         let mut flag_keys: Vec<String> = Cli::command()
             .get_arguments()
             .map(|a| a.get_id().to_string())
-            .filter(|id| id != "help")
+            // `--no-upnp` is a shorthand for `--upnp false`, not a key of its own.
+            .filter(|id| id != "help" && id != "no_upnp")
             .collect();
         flag_keys.sort();
         assert_eq!(file_keys, flag_keys);
         for arg in Cli::command().get_arguments() {
-            if arg.get_id() == "help" {
+            if arg.get_id() == "help" || arg.get_id() == "no_upnp" {
                 continue;
             }
             let env = arg.get_env().unwrap().to_str().unwrap().to_string();

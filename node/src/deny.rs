@@ -72,6 +72,9 @@ pub enum Denied {
     /// The remote IP is in a denied range.
     #[error("address {0} is in a denied range")]
     Ip(IpAddr),
+    /// An allow list is in force and the PeerId is not on it.
+    #[error("peer {0} is not on the allow list (allow_peers)")]
+    NotAllowed(PeerId),
 }
 
 impl Denied {
@@ -80,6 +83,7 @@ impl Denied {
         match self {
             Denied::Peer(_) => "peer_denied",
             Denied::Ip(_) => "ip_denied",
+            Denied::NotAllowed(_) => "not_allowed",
         }
     }
 }
@@ -89,6 +93,8 @@ impl Denied {
 pub struct DenyList {
     config: BTreeSet<BanTarget>,
     runtime: BTreeSet<BanTarget>,
+    /// When not empty, the only peers let in (a closed network's members).
+    allow: BTreeSet<PeerId>,
 }
 
 /// How runtime bans are kept on disk.
@@ -121,6 +127,7 @@ impl DenyList {
                 .chain(cidrs.iter().map(|c| BanTarget::Cidr(c.trunc())))
                 .collect(),
             runtime: BTreeSet::new(),
+            allow: BTreeSet::new(),
         };
         let err = |reason: String| BansFileError {
             path: bans_path.to_path_buf(),
@@ -136,6 +143,12 @@ impl DenyList {
             Err(e) => return Err(err(e.to_string())),
         }
         Ok(list)
+    }
+
+    /// Lets in only these peers (none: everyone not denied).
+    pub fn with_allow_list(mut self, peers: &[PeerId]) -> Self {
+        self.allow = peers.iter().copied().collect();
+        self
     }
 
     /// Saves the runtime bans.
@@ -167,6 +180,11 @@ impl DenyList {
         self.config.contains(&target) || self.runtime.contains(&target)
     }
 
+    /// Whether the peer may connect: not denied, and on the allow list if there is one.
+    pub fn admits_peer(&self, peer: &PeerId) -> bool {
+        !self.denies_peer(peer) && (self.allow.is_empty() || self.allow.contains(peer))
+    }
+
     /// Whether the address is in a denied range.
     pub fn denies_ip(&self, ip: IpAddr) -> bool {
         let ip = crate::addr::canonical_ip(ip);
@@ -180,6 +198,9 @@ impl DenyList {
         if let Some(peer) = peer {
             if self.denies_peer(peer) {
                 return Err(Denied::Peer(*peer));
+            }
+            if !self.allow.is_empty() && !self.allow.contains(peer) {
+                return Err(Denied::NotAllowed(*peer));
             }
         }
         if let Some(ip) = addr.and_then(crate::addr::ip_of) {

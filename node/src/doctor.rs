@@ -74,15 +74,32 @@ pub fn mapping(
             continue;
         };
         let all: BTreeSet<&(String, u16)> = by_observer.values().flatten().collect();
-        let verdict = if all
+        let is_ours =
+            |(ip, port): &(String, u16)| listening.contains(&(transport, ip.clone(), *port));
+        // Peers on our own network see our listen address: no evidence about the NAT.
+        let outside: BTreeMap<&String, BTreeSet<&(String, u16)>> = by_observer
             .iter()
-            .all(|(ip, port)| listening.contains(&(transport, ip.clone(), *port)))
-        {
+            .map(|(o, seen)| {
+                (
+                    o,
+                    seen.iter().filter(|e| !is_ours(e)).collect::<BTreeSet<_>>(),
+                )
+            })
+            .filter(|(_, seen)| !seen.is_empty())
+            .collect();
+        let mut observers_per_endpoint: BTreeMap<&(String, u16), usize> = BTreeMap::new();
+        for endpoint in outside.values().flatten() {
+            *observers_per_endpoint.entry(endpoint).or_default() += 1;
+        }
+        let verdict = if all.iter().all(|e| is_ours(e)) {
             Mapping::Direct
-        } else if by_observer.len() < 2 {
-            Mapping::Unknown
-        } else if all.len() == 1 {
+        } else if observers_per_endpoint.values().any(|n| *n >= 2) {
+            // One outside port seen by two peers: the mapping does not depend on the
+            // destination. A stray other port (a flow that did not leave from the
+            // listen port) does not undo that.
             Mapping::Consistent
+        } else if outside.len() < 2 {
+            Mapping::Unknown
         } else {
             Mapping::Symmetric
         };
@@ -149,6 +166,25 @@ pub fn diagnose(status: &Status, reach: &ReachView) -> Vec<String> {
             Mapping::Unknown => format!("{name}: too few observations to tell how the NAT maps ports."),
         };
         out.push(text);
+    }
+    match reach.upnp.as_str() {
+        "mapped" => {
+            for (local, external) in &reach.upnp_mappings {
+                let verdict = if reach.confirmed_addrs.contains(external) {
+                    "confirmed reachable"
+                } else {
+                    "not confirmed by dial-backs yet"
+                };
+                out.push(format!(
+                    "UPnP: the router forwards {external} to {local} ({verdict})."
+                ));
+            }
+        }
+        "gateway not public" => out.push("UPnP: the router answered, but its own address is not public (a NAT behind another NAT, as with carrier-grade NAT): a mapping on it would not help.".into()),
+        "no gateway" => out.push("UPnP: no router on the local network answered (UPnP off on the router, or none there).".into()),
+        "expired" => out.push("UPnP: the router stopped forwarding our ports.".into()),
+        "off" => out.push("UPnP: off (--no-upnp).".into()),
+        _ => {}
     }
     let accepted: Vec<_> = reach.reservations.iter().filter(|r| r.accepted).collect();
     if reach.role == Role::Peer {
@@ -237,6 +273,8 @@ mod tests {
                 .iter()
                 .map(|(o, a)| (o.to_string(), a.to_string()))
                 .collect(),
+            upnp: "off".into(),
+            upnp_mappings: vec![],
         }
     }
 

@@ -160,7 +160,7 @@ pub enum FetchError {
     #[error("no provider found for {0}")]
     NoProviders(ContentId),
     /// Providers went away and none came back in time.
-    #[error("no provider left for {id}: {have} of {total} chunks verified and kept; run the fetch again to resume")]
+    #[error("no provider left for {id}: {have} of {total} chunks verified and kept{why}; run the fetch again to resume")]
     Stalled {
         /// Content id.
         id: ContentId,
@@ -168,6 +168,8 @@ pub enum FetchError {
         have: u64,
         /// Total chunks.
         total: u64,
+        /// The last failure seen, as `; last failure: ...`, or empty.
+        why: String,
     },
     /// The store or the output could not be written.
     #[error(transparent)]
@@ -292,6 +294,8 @@ struct Fetch {
     providers: HashMap<PeerId, ProviderState>,
     /// Peers never to ask again in this fetch: liars.
     excluded: HashSet<PeerId>,
+    /// The last chunk request that failed, for the error a stalled fetch ends with.
+    last_error: Option<(PeerId, String)>,
 }
 
 impl Fetch {
@@ -303,6 +307,7 @@ impl Fetch {
             started: Instant::now(),
             providers: HashMap::new(),
             excluded: HashSet::new(),
+            last_error: None,
         }
     }
 
@@ -570,6 +575,11 @@ impl Fetch {
                         id,
                         have: done_chunks,
                         total,
+                        why: self
+                            .last_error
+                            .as_ref()
+                            .map(|(peer, e)| format!("; last failure, from {peer}: {e}"))
+                            .unwrap_or_default(),
                     });
                 }
                 let waiting = self
@@ -656,6 +666,15 @@ impl Fetch {
                                 None => false,
                             };
                             tracing::debug!(%peer, index, %error, "chunk request failed");
+                            // A failure on a relayed connection explains the dial
+                            // failures that follow it (the circuit is gone): keep it.
+                            let explains = self
+                                .last_error
+                                .as_ref()
+                                .is_some_and(|(_, e)| e.contains("relayed connection"));
+                            if !explains || error.contains("relayed connection") {
+                                self.last_error = Some((peer, error));
+                            }
                             if give_up {
                                 self.drop_provider(peer, "unreachable").await?;
                             }

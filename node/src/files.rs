@@ -82,6 +82,10 @@ struct Penalty {
     updated: Instant,
 }
 
+/// An outbound request: the peer, who waits for the answer, and whether it went over a
+/// relayed connection.
+type PendingRequest = (PeerId, oneshot::Sender<Result<Response, String>>, bool);
+
 /// File sharing and search state owned by the event loop.
 pub struct Files {
     store: Arc<Store>,
@@ -94,7 +98,9 @@ pub struct Files {
     /// Responses handed to the swarm and not yet written: they still count against
     /// the peer's concurrency until sent (or failed).
     responding: HashMap<InboundRequestId, PeerId>,
-    pending: HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<Response, String>>)>,
+    /// Our requests in flight: the peer, who waits for the answer, and whether the
+    /// request went over a relayed connection (a failure then names the relay).
+    pending: HashMap<OutboundRequestId, PendingRequest>,
     outbound: HashMap<PeerId, u32>,
     lookups: HashMap<QueryId, Lookup>,
     searches: Searches,
@@ -207,13 +213,22 @@ impl Files {
     }
 
     fn answered(&mut self, request_id: OutboundRequestId, answer: Result<Response, String>) {
-        if let Some((peer, reply)) = self.pending.remove(&request_id) {
+        if let Some((peer, reply, relayed)) = self.pending.remove(&request_id) {
             if let Some(n) = self.outbound.get_mut(&peer) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     self.outbound.remove(&peer);
                 }
             }
+            // A relay on the signaling profile cuts a circuit after 2 minutes or 128 KiB:
+            // the one cause of such a failure the user can act on.
+            let answer = answer.map_err(|e| {
+                if relayed {
+                    format!("{e} (over a relayed connection: the relay may have cut the circuit at its limits; relays running --relay-profile data carry transfers)")
+                } else {
+                    e
+                }
+            });
             let _ = reply.send(answer);
         }
     }
@@ -326,6 +341,7 @@ impl Files {
         peer: PeerId,
         request: Request,
         reply: oneshot::Sender<Result<Response, String>>,
+        relayed: bool,
     ) {
         if peer == self.local {
             let _ = reply.send(Err("that is this node".into()));
@@ -338,7 +354,7 @@ impl Files {
         }
         *outstanding += 1;
         let id = swarm.behaviour_mut().file.send_request(&peer, request);
-        self.pending.insert(id, (peer, reply));
+        self.pending.insert(id, (peer, reply, relayed));
     }
 
     /// Starts a provider lookup.

@@ -5,13 +5,16 @@
 //! subscribes to them (everything else is `other`), and reasons are fixed strings.
 //! That keeps the number of series bounded whatever the network sends.
 
-use std::time::Instant;
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Instant,
+};
 
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
     metrics::{
-        counter::Counter,
+        counter::{ConstCounter, Counter},
         family::Family,
         gauge::{ConstGauge, Gauge},
         histogram::Histogram,
@@ -140,6 +143,8 @@ pub struct NatMetrics {
     pub holepunch_results: Family<ReasonLabel, Counter>,
     /// Seconds from a relayed connection to the direct one that replaced it.
     pub time_to_direct: Histogram,
+    /// Ports the local gateway forwards to this node by UPnP.
+    pub upnp_mappings: Gauge,
 }
 
 impl NatMetrics {
@@ -157,7 +162,13 @@ impl NatMetrics {
             holepunch_attempts: Counter::default(),
             holepunch_results: Family::default(),
             time_to_direct: Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+            upnp_mappings: Gauge::default(),
         };
+        r.register(
+            "upnp_mappings",
+            "Ports the local gateway forwards to this node by UPnP",
+            m.upnp_mappings.clone(),
+        );
         for state in ["public", "private", "unknown"] {
             m.reachability.get_or_create(&StateLabel { state }).set(0);
         }
@@ -588,6 +599,53 @@ impl Collector for ProcessCollector {
             MetricType::Gauge,
         )?;
         uptime.encode(metric)?;
+        let suppressed = ConstCounter::new(crate::log_limit::suppressed());
+        let metric = encoder.encode_descriptor(
+            "servant_log_lines_suppressed",
+            "Log lines dropped by the per-callsite rate limit",
+            None,
+            suppressed.metric_type(),
+        )?;
+        suppressed.encode(metric)?;
+        // The runtime serving this scrape is the node's: `servant run` has one, and
+        // a task that outlives its connection or request shows up here.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let tasks = ConstGauge::new(runtime.metrics().num_alive_tasks() as i64);
+            let metric = encoder.encode_descriptor(
+                "servant_tokio_alive_tasks",
+                "Tasks alive in the node's tokio runtime",
+                None,
+                tasks.metric_type(),
+            )?;
+            tasks.encode(metric)?;
+        }
+        let panics = ConstCounter::new(PANICS.load(Ordering::Relaxed));
+        let metric = encoder.encode_descriptor(
+            "servant_panics",
+            "Panics in any thread of the process since it started",
+            None,
+            panics.metric_type(),
+        )?;
+        panics.encode(metric)?;
         Ok(())
     }
+}
+
+static PANICS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts every panic in `servant_panics_total`, then hands it to the hook that was
+/// there before (the standard one prints the message and location to stderr, where
+/// the logs go). The `servant` binary installs it; a library embedding [`Node`]
+/// keeps its own process-wide hook unless it calls this.
+///
+/// The hook does not log through `tracing`: a panic inside the subscriber, with its
+/// rate-limit lock held, would deadlock there.
+///
+/// [`Node`]: crate::Node
+pub fn install_panic_hook() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::Relaxed);
+        previous(info);
+    }));
 }

@@ -82,7 +82,8 @@ impl Node {
             &config.deny_peers,
             &config.deny_cidrs,
             &data_dir.bans_path(),
-        )?;
+        )?
+        .with_allow_list(&config.allow_peers);
         let token = api::resolve_token(&config, &data_dir)?;
         let store = Arc::new(Store::open(
             &data_dir.path().join("store"),
@@ -100,6 +101,7 @@ impl Node {
             last_tick: std::time::Instant::now(),
             ready: false,
             not_ready_reason: Some("starting".into()),
+            warnings: Vec::new(),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let client = Client::new(command_tx);

@@ -93,13 +93,21 @@ impl Relays {
         peer: PeerId,
         protocols: &[StreamProtocol],
         addrs: Vec<Multiaddr>,
+        dialed: Option<Multiaddr>,
     ) {
         let offers = protocols.contains(&relay::HOP_PROTOCOL_NAME);
-        let addrs: Vec<Multiaddr> = addrs
+        let mut addrs: Vec<Multiaddr> = dialed
             .into_iter()
+            .chain(addrs)
             .filter(|a| !a.iter().any(|p| p == Protocol::P2pCircuit))
             .map(crate::addr::without_p2p)
             .collect();
+        // The reservation's address is what other peers dial to reach us, so it must be
+        // one they can reach: the one we reached the relay on first, never a loopback
+        // address while there is another (a relay listening on 0.0.0.0 lists 127.0.0.1).
+        let mut seen = std::collections::HashSet::new();
+        addrs.retain(|a| seen.insert(a.clone()));
+        addrs.sort_by_key(|a| crate::addr::ip_of(a).is_some_and(|ip| ip.is_loopback()));
         if offers && !addrs.is_empty() {
             let rtt = self.candidates.get(&peer).and_then(|c| c.rtt);
             self.candidates.insert(peer, Candidate { addrs, rtt });

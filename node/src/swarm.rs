@@ -1,7 +1,18 @@
 //! Builds the Swarm: TCP (noise, yamux), QUIC, DNS and relayed connections
-//! (circuit relay v2), with bandwidth metrics, around the node's [`Behaviour`].
+//! (circuit relay v2), with bandwidth metrics, around the node's [`Behaviour`]. In a
+//! private network every TCP connection first proves the pre-shared key (libp2p pnet).
 
-use libp2p::{identity::Keypair, noise, tcp, yamux, Swarm};
+use either::Either;
+use libp2p::{
+    core::{
+        muxing::StreamMuxerBox,
+        transport::{upgrade, Boxed, OptionalTransport},
+    },
+    identity::Keypair,
+    noise,
+    pnet::{PnetConfig, PreSharedKey},
+    quic, tcp, yamux, PeerId, Swarm, Transport,
+};
 use prometheus_client::registry::Registry;
 
 use crate::{behaviour::Behaviour, config::Config, deny::DenyList};
@@ -33,15 +44,18 @@ pub fn build(
     deny_list: DenyList,
     registry: &mut Registry,
 ) -> Result<Swarm<Behaviour>, SwarmError> {
+    let psk = match &config.psk_file {
+        Some(path) => {
+            Some(crate::config::read_psk(path).map_err(|e| SwarmError::Setup(e.to_string()))?)
+        }
+        None => None,
+    };
     let builder = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
+        .with_other_transport(|key| {
+            transport(key, psk).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
         .map_err(|e| SwarmError::Tcp(e.to_string()))?
-        .with_quic()
         .with_dns()
         .map_err(|e| SwarmError::Dns(e.to_string()))?
         .with_relay_client(noise::Config::new, yamux::Config::default)
@@ -55,4 +69,34 @@ pub fn build(
     Ok(builder
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
         .build())
+}
+
+/// TCP (noise, yamux) and QUIC; in a private network (`psk`), TCP behind the
+/// pre-shared key's handshake and no QUIC, which has no place for it.
+fn transport(
+    key: &Keypair,
+    psk: Option<PreSharedKey>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, noise::Error> {
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let tcp = match psk {
+        Some(psk) => {
+            Either::Left(tcp.and_then(move |socket, _| PnetConfig::new(psk).handshake(socket)))
+        }
+        None => Either::Right(tcp),
+    };
+    let tcp = tcp
+        .upgrade(upgrade::Version::V1Lazy)
+        .authenticate(noise::Config::new(key)?)
+        .multiplex(yamux::Config::default())
+        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)));
+    let quic = quic::tokio::Transport::new(quic::Config::new(key))
+        .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
+    let quic = match psk {
+        Some(_) => OptionalTransport::none(),
+        None => OptionalTransport::some(quic),
+    };
+    Ok(quic
+        .or_transport(tcp)
+        .map(|either, _| either.into_inner())
+        .boxed())
 }

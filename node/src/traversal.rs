@@ -87,6 +87,12 @@ pub struct ReachView {
     /// a symmetric one.
     #[serde(default)]
     pub observed: Vec<(String, String)>,
+    /// UPnP: `off`, `searching`, `no gateway`, `gateway not public` or `mapped`.
+    #[serde(default)]
+    pub upnp: String,
+    /// Ports the gateway forwards to us (local listen address, external address).
+    #[serde(default)]
+    pub upnp_mappings: Vec<(String, String)>,
 }
 
 /// The NAT-traversal state of the node.
@@ -106,9 +112,14 @@ pub struct Traversal {
     /// When each peer's relayed connection opened, to time the move to direct.
     relayed_since: HashMap<PeerId, Instant>,
     holepunches: VecDeque<HolePunchView>,
-    reservations_served: u64,
+    /// Peers holding a reservation on our relay (at most the relay's 128).
+    reserved_here: HashSet<PeerId>,
     /// Each observer's last observation of our address, oldest first.
     observed: VecDeque<(PeerId, Multiaddr)>,
+    /// What UPnP is doing (see [`ReachView::upnp`]).
+    upnp: &'static str,
+    /// Ports the gateway forwards to us: (local listen address, external address).
+    upnp_mappings: Vec<(Multiaddr, Multiaddr)>,
 }
 
 impl Traversal {
@@ -133,8 +144,10 @@ impl Traversal {
             assumed_external: HashSet::new(),
             relayed_since: HashMap::new(),
             holepunches: VecDeque::new(),
-            reservations_served: 0,
+            reserved_here: HashSet::new(),
             observed: VecDeque::new(),
+            upnp: if config.upnp { "searching" } else { "off" },
+            upnp_mappings: Vec::new(),
         };
         for addr in &config.announce {
             traversal.reach.candidate(addr.clone());
@@ -154,6 +167,12 @@ impl Traversal {
         self.relays.is_relay(peer)
     }
 
+    /// Whether `peer` holds a reservation on our relay: the reservation lives on one
+    /// of its connections, so closing that one would cost the peer its address.
+    pub fn reserved_here(&self, peer: &PeerId) -> bool {
+        self.reserved_here.contains(peer)
+    }
+
     /// Our relays now, for the peer manager to protect.
     pub fn relays(&self) -> HashSet<PeerId> {
         self.relays.relays()
@@ -170,6 +189,7 @@ impl Traversal {
         swarm: &mut Swarm<Behaviour>,
         peer: PeerId,
         info: &identify::Info,
+        dialed: Option<Multiaddr>,
     ) {
         self.reach.identified(peer, &info.protocols);
         if !crate::addr::is_relayed(&info.observed_addr) {
@@ -179,8 +199,13 @@ impl Traversal {
             }
             self.observed.push_back((peer, info.observed_addr.clone()));
         }
-        self.relays
-            .identified(swarm, peer, &info.protocols, info.listen_addrs.clone());
+        self.relays.identified(
+            swarm,
+            peer,
+            &info.protocols,
+            info.listen_addrs.clone(),
+            dialed,
+        );
     }
 
     /// The swarm has a new guess at our public address: what a peer observed us
@@ -190,6 +215,44 @@ impl Traversal {
         if worth_probing(addr) {
             self.reach.candidate(addr.clone());
         }
+    }
+
+    /// What the UPnP port mapper did. A new mapping is already a candidate (see
+    /// [`crate::upnp`]); this keeps what `doctor` and the metrics show.
+    pub fn on_upnp(&mut self, event: crate::upnp::Event) {
+        use crate::upnp::Event;
+        match event {
+            Event::NewExternalAddr {
+                local_addr,
+                external_addr,
+            } => {
+                tracing::info!(%local_addr, %external_addr, "UPnP: the gateway forwards a port to us; confirming it by dial-backs");
+                self.upnp_mappings.retain(|(l, _)| *l != local_addr);
+                self.upnp_mappings.push((local_addr, external_addr));
+                self.upnp = "mapped";
+            }
+            Event::ExpiredExternalAddr {
+                local_addr,
+                external_addr,
+            } => {
+                tracing::warn!(%local_addr, %external_addr, "UPnP: the gateway stopped forwarding a port");
+                self.upnp_mappings.retain(|(l, _)| *l != local_addr);
+                if self.upnp_mappings.is_empty() {
+                    self.upnp = "expired";
+                }
+            }
+            Event::GatewayNotFound => {
+                tracing::debug!("UPnP: no gateway answered on the local network");
+                self.upnp = "no gateway";
+            }
+            Event::NonRoutableGateway => {
+                tracing::info!("UPnP: the gateway's own address is not public (a NAT behind a NAT); not mapping");
+                self.upnp = "gateway not public";
+            }
+        }
+        self.metrics
+            .upnp_mappings
+            .set(i64::try_from(self.upnp_mappings.len()).unwrap_or(i64::MAX));
     }
 
     /// A listener reported an address.
@@ -259,10 +322,11 @@ impl Traversal {
                 ..
             } => {
                 tracing::debug!(peer = %src_peer_id, "relay reservation served");
-                self.reservations_served += 1;
+                self.reserved_here.insert(src_peer_id);
             }
-            relay::Event::ReservationClosed { .. } | relay::Event::ReservationTimedOut { .. } => {
-                self.reservations_served = self.reservations_served.saturating_sub(1);
+            relay::Event::ReservationClosed { src_peer_id }
+            | relay::Event::ReservationTimedOut { src_peer_id } => {
+                self.reserved_here.remove(&src_peer_id);
             }
             relay::Event::ReservationReqDenied { .. } => {
                 self.metrics
@@ -288,7 +352,7 @@ impl Traversal {
         }
         self.metrics
             .reservations_served
-            .set(self.reservations_served as i64);
+            .set(self.reserved_here.len() as i64);
     }
 
     /// Our relay client's events.
@@ -416,11 +480,18 @@ impl Traversal {
         }));
         self.relays.set_active(swarm, role == Role::Peer);
         if role == Role::Super && self.added_external.is_empty() {
-            let listening: Vec<Multiaddr> = swarm
+            let mut listening: Vec<Multiaddr> = swarm
                 .listeners()
                 .filter(|a| worth_probing(a) && !crate::addr::is_link_local(a))
                 .cloned()
                 .collect();
+            // Loopback is announced only by a node that has nothing else (a test on one
+            // machine): to anyone else it names their own host.
+            let is_loopback =
+                |a: &Multiaddr| crate::addr::ip_of(a).is_some_and(|ip| ip.is_loopback());
+            if listening.iter().any(|a| !is_loopback(a)) {
+                listening.retain(|a| !is_loopback(a));
+            }
             for addr in listening {
                 if self.assumed_external.insert(addr.clone()) {
                     swarm.add_external_address(addr);
@@ -458,13 +529,19 @@ impl Traversal {
                 })
                 .collect(),
             reservations: self.relays.views(),
-            reservations_served: self.reservations_served,
+            reservations_served: self.reserved_here.len() as u64,
             holepunches: self.holepunches.iter().cloned().collect(),
             rounds: verdict.round(),
             observed: self
                 .observed
                 .iter()
                 .map(|(p, a)| (p.to_string(), a.to_string()))
+                .collect(),
+            upnp: self.upnp.to_string(),
+            upnp_mappings: self
+                .upnp_mappings
+                .iter()
+                .map(|(l, e)| (l.to_string(), e.to_string()))
                 .collect(),
         }
     }

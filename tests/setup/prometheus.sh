@@ -9,18 +9,9 @@
 # Usage: tests/setup/prometheus.sh   (as root, or with sudo available)
 set -euo pipefail
 
-say() { echo "prometheus.sh: $*"; }
-die() {
-    echo "prometheus.sh: ERROR: $*" >&2
-    exit 1
-}
-
-SUDO=()
-if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null || die "must run as root (or with sudo installed)"
-    SUDO=(sudo)
-fi
-as_root() { "${SUDO[@]}" "$@"; }
+SETUP_NAME=prometheus.sh
+# shellcheck source=tests/setup/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 systemd_runs() { [ -d /run/systemd/system ]; }
 

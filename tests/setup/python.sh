@@ -17,11 +17,9 @@ requirements="$py_dir/requirements.txt"
 stamp="$venv/.requirements.sha256"
 log="$venv/pip-install.log"
 
-say() { echo "python.sh: $*"; }
-die() {
-    echo "python.sh: ERROR: $*" >&2
-    exit 1
-}
+SETUP_NAME=python.sh
+# shellcheck source=tests/setup/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 [[ -f "$requirements" ]] || die "$requirements not found"
 

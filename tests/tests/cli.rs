@@ -96,6 +96,34 @@ fn bad_config_exits_2_naming_key_and_value_and_starts_nothing() {
         &[],
     );
     assert_config_error(&out, &["conn_low", "40", "conn_high"]);
+    let out = run_cli(
+        &[
+            "run",
+            "--data-dir",
+            data_arg,
+            "--max-connections",
+            "100",
+            "--conn-high",
+            "50",
+            "--max-connections-per-ip",
+            "101",
+        ],
+        &[],
+    );
+    assert_config_error(&out, &["max_connections_per_ip", "101", "max_connections"]);
+    let out = run_cli(
+        &[
+            "run",
+            "--data-dir",
+            data_arg,
+            "--max-connections-per-peer",
+            "1",
+            "--serve-concurrency-per-peer",
+            "500",
+        ],
+        &[],
+    );
+    assert_config_error(&out, &["serve_concurrency_per_peer", "500", "160"]);
     // A bootnode without its PeerId.
     let out = run_cli(
         &[

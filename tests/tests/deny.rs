@@ -201,3 +201,76 @@ async fn denied_peers_and_runtime_bans() -> Result<()> {
     net.pass();
     Ok(())
 }
+
+/// Inbound connections per remote IP: a guard allowing two per address takes two
+/// peers from 127.0.0.1, refuses the third (counted as `ip_limit`), and a slot freed
+/// on 127.0.0.1 can be taken again. (A node cannot choose its source address on
+/// loopback, so other addresses are counted apart in `ip_limits`' unit tests and in
+/// the connection flood of `attack_conn.rs`, which binds its dialers' addresses.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_connections_are_capped_per_ip() -> Result<()> {
+    let mut net = Net::new();
+    let guard = net
+        .spawn(
+            "guard",
+            &[
+                "--max-connections-per-ip".into(),
+                "2".into(),
+                // No outbound dials of its own: only inbound connections count.
+                "--conn-low".into(),
+                "1".into(),
+            ],
+        )
+        .await?;
+    let target = net[guard].addr().to_string();
+    let mut same_ip = Vec::new();
+    for name in ["p1", "p2", "p3"] {
+        same_ip.push(net.spawn(name, &[]).await?);
+    }
+    let refused = "servant_connections_denied_total{reason=\"ip_limit\"}";
+    for &p in &same_ip[..2] {
+        net[p].connect(&target).await?;
+        guard_sees(&net, guard, net[p].id()).await?;
+    }
+    let third = net[same_ip[2]].connect(&target).await;
+    println!("third dial from 127.0.0.1: {third:?}");
+    let net_ref = &net;
+    eventually(
+        Duration::from_secs(10),
+        "the guard to refuse the third connection from 127.0.0.1",
+        || async move { Ok((net_ref[guard].metric(refused).await? >= 1.0).then_some(())) },
+    )
+    .await?;
+    let held = net[guard].peer_ids().await?;
+    anyhow::ensure!(
+        !held.contains(&net[same_ip[2]].id()),
+        "the guard holds a third connection from 127.0.0.1"
+    );
+    println!("checked: two peers from 127.0.0.1 admitted, the third refused as ip_limit");
+    let (code, body) = net[guard].readyz_body().await?;
+    anyhow::ensure!(
+        code == 200
+            && body.contains("warning: connection limits refused")
+            && body.contains("max_connections_per_ip"),
+        "/readyz should stay 200 and say the per-IP cap refuses peers: {code} {body:?}"
+    );
+    println!(
+        "checked: /readyz stays 200 and its body says so: {:?}",
+        body.trim()
+    );
+
+    net[same_ip[0]].kill();
+    let net_ref = &net;
+    let p1 = net[same_ip[0]].id();
+    eventually(
+        Duration::from_secs(10),
+        "the guard to notice the first peer left",
+        || async move { Ok((!net_ref[guard].peer_ids().await?.contains(&p1)).then_some(())) },
+    )
+    .await?;
+    net[same_ip[2]].connect(&target).await?;
+    guard_sees(&net, guard, net[same_ip[2]].id()).await?;
+    println!("checked: the freed slot on 127.0.0.1 is taken by the third peer");
+    net.pass();
+    Ok(())
+}

@@ -31,6 +31,28 @@ fn metric(ns: &str, series: &str) -> Result<f64> {
     Ok(servant_tests::metric_value(&text, series).unwrap_or(0.0))
 }
 
+/// Waits for `ns` to hold an accepted relay reservation; returns one of its circuit
+/// addresses.
+async fn circuit_of(lab: &Lab, ns: &str, secs: u64) -> Result<String> {
+    eventually(
+        Duration::from_secs(secs),
+        &format!("a relay reservation of {ns}"),
+        || async {
+            let Ok(view) = reach(lab, ns) else {
+                return Ok(None);
+            };
+            Ok(view
+                .reservations
+                .iter()
+                .filter(|r| r.accepted)
+                .flat_map(|r| r.addrs.iter())
+                .next()
+                .cloned())
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn natted_peers_go_private_reserve_relays_and_hole_punch() -> Result<()> {
     let Some((dir, mut lab)) = lab_or_skip()? else {
@@ -115,6 +137,11 @@ async fn port_forward(lab: &mut Lab, dir: &Path) -> Result<()> {
 
 /// The command line of a lab node `name`.
 fn node_args(dir: &Path, name: &str, bootnode: Option<&str>, extra: &[&str]) -> Vec<String> {
+    let upnp = if extra.contains(&"--upnp") {
+        None
+    } else {
+        Some("--no-upnp")
+    };
     let mut a: Vec<String> = [
         "run",
         "--data-dir",
@@ -135,6 +162,7 @@ fn node_args(dir: &Path, name: &str, bootnode: Option<&str>, extra: &[&str]) -> 
         ]),
         Some(b) => a.extend(["--bootnode".into(), b.to_string()]),
     }
+    a.extend(upnp.map(str::to_string));
     a
 }
 
@@ -348,17 +376,7 @@ async fn symmetric(lab: &mut Lab, dir: &Path) -> Result<()> {
         &["subscribe".to_string(), "--topic".into(), "t".into()],
     )?;
     let lab_ref = &*lab;
-    let circuit = eventually(Duration::from_secs(60), "a reservation of pd", || async {
-        let view = reach(lab_ref, &pd)?;
-        Ok(view
-            .reservations
-            .iter()
-            .filter(|r| r.accepted)
-            .flat_map(|r| r.addrs.iter())
-            .next()
-            .cloned())
-    })
-    .await?;
+    let circuit = circuit_of(lab_ref, &pd, 60).await?;
     println!("checked: pc (symmetric NAT) and pd (port-restricted) are private peers with relays");
 
     let text = lab.run(&pc, &bin, &["doctor"])?;
@@ -408,16 +426,7 @@ async fn symmetric(lab: &mut Lab, dir: &Path) -> Result<()> {
     // A file shared by pd is fetched by pc through a data-profile relay.
     let src = dir.join("shared.bin");
     let expected = servant_tests::random_file(&src, 3 << 20, 7)?;
-    let out = lab.run(
-        &pd,
-        &bin,
-        &["share", src.to_str().context("path")?, "--json"],
-    )?;
-    let info: serde_json::Value = serde_json::from_str(&out)?;
-    let id = info["id"]
-        .as_str()
-        .context("share printed no id")?
-        .to_string();
+    let id = share_in(lab, &pd, &src)?;
     let dest = dir.join("fetched.bin");
     let out = lab.run(
         &pc,
@@ -428,4 +437,215 @@ async fn symmetric(lab: &mut Lab, dir: &Path) -> Result<()> {
     assert_eq!(servant_tests::hash_file(&dest)?, expected);
     println!("checked: pc fetched pd's 3 MiB file byte-identical through a data-profile relay");
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cone_pairings_punch_through_and_the_direct_connection_carries_traffic() -> Result<()> {
+    let Some((dir, mut lab)) = lab_or_skip()? else {
+        return Ok(());
+    };
+    let result = pairings(&mut lab, dir.path()).await;
+    report(
+        &lab,
+        dir,
+        &result,
+        &[
+            "boot", "s1", "s2", "s3", "pe", "pf", "pg", "ph", "sub-pf", "sub-ph",
+        ],
+    );
+    result
+}
+
+/// The pairings the other tests leave out: full cone with address-restricted, and a
+/// symmetric NAT with a full cone (its dial gets through, the other way cannot). Cone
+/// NATs with endpoint-independent filtering let dial-backs in, so under `--role auto`
+/// these peers would be confirmed public; `--role peer` keeps them NATed peers, so
+/// each pairing goes relay first, then DCUtR.
+async fn pairings(lab: &mut Lab, dir: &Path) -> Result<()> {
+    let (bootnode, hosts) = public_side(lab, dir, &["--topic", "t"]).await?;
+    let nats = [
+        ("re", "pe", "198.18.0.51", 6, Nat::FullCone),
+        ("rf", "pf", "198.18.0.52", 7, Nat::AddressRestricted),
+        ("rg", "pg", "198.18.0.53", 8, Nat::Symmetric),
+        ("rh", "ph", "198.18.0.54", 9, Nat::FullCone),
+    ];
+    let bin = servant_bin();
+    let mut ns = Vec::new();
+    for (router, peer, wan, net, nat) in nats {
+        let n = lab.natted_peer(router, peer, wan, net, nat)?;
+        print!("{}", lab.check(router, peer)?);
+        lab.spawn(
+            &n,
+            peer,
+            &bin,
+            &node_args(
+                dir,
+                peer,
+                Some(&bootnode),
+                &["--role", "peer", "--topic", "t"],
+            ),
+        )?;
+        ns.push(n);
+    }
+    until_state(lab, &hosts[1..], "public", "super", 90).await?;
+    for (from, to, label) in [
+        (0, 1, "full cone -> address-restricted"),
+        (2, 3, "symmetric -> full cone"),
+    ] {
+        let (a, b) = (&ns[from], &ns[to]);
+        let b_name = nats[to].1;
+        lab.spawn(
+            b,
+            &format!("sub-{b_name}"),
+            &bin,
+            &["subscribe".to_string(), "--topic".into(), "t".into()],
+        )?;
+        let b_id = punch(lab, a, b).await?;
+        println!("checked: {label}: relayed first, then direct by hole punching");
+        direct_traffic(lab, dir, a, b, &b_id, b_name).await?;
+        println!(
+            "checked: {label}: the direct connection carries a ping, a broadcast and a file chunk"
+        );
+    }
+    Ok(())
+}
+
+/// `a` dials `b` through one of `b`'s relays and waits for DCUtR's direct connection.
+/// Returns `b`'s PeerId.
+async fn punch(lab: &Lab, a: &str, b: &str) -> Result<String> {
+    let circuit = circuit_of(lab, b, 120).await?;
+    let b_id = circuit.rsplit('/').next().unwrap_or_default().to_string();
+    let bin = servant_bin();
+    let out = lab.run(a, &bin, &["connect", &circuit, "--json"])?;
+    assert!(
+        out.contains("p2p-circuit"),
+        "first connection not relayed: {out}"
+    );
+    eventually(Duration::from_secs(60), "a direct connection", || async {
+        let direct = peers(lab, a)?
+            .into_iter()
+            .filter(|v| v.peer_id == b_id)
+            .any(|v| v.addrs.iter().any(|x| !x.contains("p2p-circuit")));
+        let series = "servant_holepunch_results_total{reason=\"direct\"}";
+        Ok((direct && metric(a, series)? + metric(b, series)? >= 1.0).then_some(()))
+    })
+    .await?;
+    Ok(b_id)
+}
+
+/// Once the relayed connection is gone, the peers ping, broadcast and fetch over the
+/// direct one only.
+async fn direct_traffic(
+    lab: &Lab,
+    dir: &Path,
+    a: &str,
+    b: &str,
+    b_id: &str,
+    b_name: &str,
+) -> Result<()> {
+    let bin = servant_bin();
+    let view = eventually(
+        Duration::from_secs(30),
+        "only the direct connection left, with a ping",
+        || async {
+            let view = peers(lab, a)?.into_iter().find(|v| v.peer_id == b_id);
+            Ok(view.filter(|v| {
+                v.rtt_ms.is_some() && v.addrs.iter().all(|x| !x.contains("p2p-circuit"))
+            }))
+        },
+    )
+    .await?;
+    let text = format!("direct-from-{a}");
+    eventually(Duration::from_secs(30), "the broadcast", || async {
+        let _ = lab.run(a, &bin, &["publish", "--topic", "t", &text]);
+        Ok(lab
+            .log_tail(&format!("sub-{b_name}"), 50)
+            .contains(&text)
+            .then_some(()))
+    })
+    .await?;
+    let src = dir.join(format!("{b_name}-chunk.bin"));
+    let expected = servant_tests::random_file(&src, 256 << 10, 11)?;
+    let id = share_in(lab, b, &src)?;
+    let dest = dir.join(format!("{b_name}-fetched.bin"));
+    let out = lab.run(
+        a,
+        &bin,
+        &["fetch", &id, "-o", dest.to_str().context("path")?, "--json"],
+    )?;
+    assert!(out.contains("\"finished\""), "{out}");
+    assert_eq!(servant_tests::hash_file(&dest)?, expected);
+    let still_direct = peers(lab, a)?
+        .into_iter()
+        .filter(|v| v.peer_id == b_id)
+        .all(|v| v.addrs.iter().all(|x| !x.contains("p2p-circuit")));
+    assert!(still_direct, "a relayed connection came back");
+    println!("  rtt {:?} ms over {:?}", view.rtt_ms, view.addrs);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_over_a_signaling_relay_fails_clearly_rather_than_hanging() -> Result<()> {
+    let Some((dir, mut lab)) = lab_or_skip()? else {
+        return Ok(());
+    };
+    let result = signaling_only(&mut lab, dir.path()).await;
+    report(&lab, dir, &result, &["boot", "s1", "s2", "s3", "pi", "pj"]);
+    result
+}
+
+/// Behind a symmetric NAT and a port-restricted one, two peers have only relays
+/// between them; relays on the default signaling profile cut a circuit at 128 KiB, so
+/// a 3 MiB fetch cannot complete. It must end with an error that says why, in bounded
+/// time, rather than retrying forever.
+async fn signaling_only(lab: &mut Lab, dir: &Path) -> Result<()> {
+    let (bootnode, hosts) = public_side(lab, dir, &[]).await?;
+    let pi = lab.natted_peer("ri", "pi", "198.18.0.61", 10, Nat::Symmetric)?;
+    let pj = lab.natted_peer("rj", "pj", "198.18.0.62", 11, Nat::PortRestricted)?;
+    let bin = servant_bin();
+    for (ns, name) in [(&pi, "pi"), (&pj, "pj")] {
+        lab.spawn(ns, name, &bin, &node_args(dir, name, Some(&bootnode), &[]))?;
+    }
+    until_state(lab, &hosts[1..], "public", "super", 90).await?;
+    until_state(lab, &[pi.clone(), pj.clone()], "private", "peer", 120).await?;
+    let circuit = circuit_of(lab, &pj, 60).await?;
+    lab.run(&pi, &bin, &["connect", &circuit, "--json"])?;
+    let src = dir.join("big.bin");
+    servant_tests::random_file(&src, 3 << 20, 5)?;
+    let id = share_in(lab, &pj, &src)?;
+    let dest = dir.join("never.bin");
+    let started = std::time::Instant::now();
+    let result = lab.run(
+        &pi,
+        &bin,
+        &["fetch", &id, "-o", dest.to_str().context("path")?],
+    );
+    let elapsed = started.elapsed();
+    let Err(error) = result else {
+        bail!("a 3 MiB fetch over signaling relays completed");
+    };
+    let error = format!("{error:#}");
+    println!("fetch failed after {elapsed:.0?}: {error}");
+    assert!(elapsed < Duration::from_secs(120), "took {elapsed:?}");
+    assert!(
+        error.contains("relay"),
+        "the error does not say why: {error}"
+    );
+    assert!(!dest.exists(), "a partial output was left as the output");
+    println!("checked: the fetch over signaling relays failed in {elapsed:.0?}, saying why");
+    Ok(())
+}
+
+/// Shares `path` from the node in namespace `ns` and returns the content ID it printed.
+fn share_in(lab: &Lab, ns: &str, path: &Path) -> Result<String> {
+    let out = lab.run(
+        ns,
+        &servant_bin(),
+        &["share", path.to_str().context("path")?, "--json"],
+    )?;
+    let info: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(info["id"]
+        .as_str()
+        .context("share printed no id")?
+        .to_string())
 }

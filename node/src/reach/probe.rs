@@ -77,7 +77,7 @@ pub async fn probe(
     dial_backs.await_nonce(nonce);
     let outcome = tokio::time::timeout(PROBE_TIMEOUT, exchange(&mut control, server, &addr, nonce))
         .await
-        .unwrap_or_else(|_| Err("timed out".into()));
+        .unwrap_or_else(|_| Err(ExchangeError::Other("timed out".into())));
     let received = dial_backs.take(nonce);
     match outcome {
         Ok(dial_status::OK) if received => ProbeOutcome::Verdict(ProbeResult::Reached),
@@ -89,7 +89,36 @@ pub async fn probe(
             ProbeOutcome::Verdict(ProbeResult::Unreachable("the server's dial failed".into()))
         }
         Ok(other) => ProbeOutcome::NoVerdict(format!("dial status {other}")),
-        Err(e) => ProbeOutcome::NoVerdict(e),
+        // The server took the request and went silent until its own deadline cut the
+        // stream: its dial-back hung, which is what a dial into a NAT that drops
+        // unsolicited packets does (a TCP SYN gets no answer at all). Counting it as a
+        // failure lets a NATed node whose only candidate is a TCP address reach its
+        // verdict; a wrong one is undone by any dial-back that succeeds.
+        Err(ExchangeError::Unanswered(e)) if !received => ProbeOutcome::Verdict(
+            ProbeResult::Unreachable(format!("the server's dial-back never completed ({e})")),
+        ),
+        Err(ExchangeError::Unanswered(e) | ExchangeError::Other(e)) => ProbeOutcome::NoVerdict(e),
+    }
+}
+
+/// Why an exchange gave no dial status.
+#[derive(Debug)]
+enum ExchangeError {
+    /// The server accepted the request but the stream ended without a response.
+    Unanswered(String),
+    /// Anything else: no stream, a refused or malformed exchange, our own timeout.
+    Other(String),
+}
+
+impl From<String> for ExchangeError {
+    fn from(e: String) -> Self {
+        ExchangeError::Other(e)
+    }
+}
+
+impl From<&str> for ExchangeError {
+    fn from(e: &str) -> Self {
+        ExchangeError::Other(e.to_string())
     }
 }
 
@@ -99,7 +128,7 @@ async fn exchange(
     server: PeerId,
     addr: &Multiaddr,
     nonce: u64,
-) -> Result<i32, String> {
+) -> Result<i32, ExchangeError> {
     let mut stream = control
         .open_stream(server, wire::DIAL_REQUEST_PROTOCOL)
         .await
@@ -117,13 +146,10 @@ async fn exchange(
     loop {
         let msg: Message = wire::read(&mut stream, wire::MAX_MESSAGE_BYTES)
             .await
-            .map_err(|e| format!("reading the response: {e}"))?;
+            .map_err(|e| ExchangeError::Unanswered(format!("reading the response: {e}")))?;
         match msg.msg {
             Some(Msg::DialDataRequest(req)) => {
-                sent_data += req.num_bytes;
-                if sent_data > wire::MAX_DATA_REQUESTED {
-                    return Err(format!("server wants {sent_data} bytes of data"));
-                }
+                sent_data = data_budget(sent_data, req.num_bytes)?;
                 let mut left = req.num_bytes;
                 while left > 0 {
                     let n = left.min(wire::DATA_CHUNK as u64);
@@ -145,13 +171,26 @@ async fn exchange(
                         response_status::REQUEST_REJECTED => "request rejected".into(),
                         response_status::DIAL_REFUSED => "dial refused".into(),
                         response_status::INTERNAL_ERROR => "server error".into(),
-                        s => format!("response status {s}"),
+                        s => format!("response status {s}").into(),
                     });
                 }
                 return Ok(resp.dial_status);
             }
             _ => return Err("unexpected message".into()),
         }
+    }
+}
+
+/// Adds a server's data request to what it has asked for so far, refusing a total
+/// above the cap. A hostile server may ask for `u64::MAX` bytes in one request or in
+/// several: the sum is checked so it can neither wrap into a small number nor panic.
+fn data_budget(sent: u64, requested: u64) -> Result<u64, String> {
+    match sent.checked_add(requested) {
+        Some(total) if total <= wire::MAX_DATA_REQUESTED => Ok(total),
+        _ => Err(format!(
+            "server wants {requested} more bytes of data after {sent}; the cap is {}",
+            wire::MAX_DATA_REQUESTED
+        )),
     }
 }
 
@@ -189,5 +228,23 @@ pub async fn serve_dial_backs(mut control: Control, dial_backs: DialBacks) {
                 Err(_) => tracing::debug!(%peer, "dial-back timed out"),
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_requests_are_capped_without_overflow() {
+        assert_eq!(data_budget(0, 1000), Ok(1000));
+        assert_eq!(
+            data_budget(1000, wire::MAX_DATA_REQUESTED - 1000),
+            Ok(wire::MAX_DATA_REQUESTED)
+        );
+        assert!(data_budget(0, wire::MAX_DATA_REQUESTED + 1).is_err());
+        // The sum of two huge requests must not wrap into an accepted total.
+        assert!(data_budget(1, u64::MAX).is_err());
+        assert!(data_budget(u64::MAX, u64::MAX).is_err());
     }
 }

@@ -98,6 +98,7 @@ impl ServantProcess {
         let listen: Vec<String> = spec.listen.iter().map(|a| a.to_string()).collect();
         let mut cmd = files_netns::command(spec.netns.as_deref(), bin);
         cmd.arg("run")
+            .arg("--no-upnp")
             .arg("--data-dir")
             .arg(&spec.data_dir)
             .arg("--listen")
@@ -110,14 +111,8 @@ impl ServantProcess {
         cmd.args(&spec.extra)
             .stdin(Stdio::null())
             .stdout(File::create(&stdout_path)?)
-            .stderr(File::create(&stderr_path)?)
-            .env_remove("RUST_LOG");
-        // A user's SERVANT_* settings would change what is measured.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("SERVANT_") {
-                cmd.env_remove(key);
-            }
-        }
+            .stderr(File::create(&stderr_path)?);
+        crate::process::clear_servant_env(&mut cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("start {}", bin.display()))?;

@@ -26,6 +26,15 @@
 //!
 //! `nat` (root) runs hole-punch trials in fresh NAT labs, Servant against a bare
 //! rust-libp2p relay and DCUtR (children in the hidden `nat-node` mode); see [`nat`].
+//!
+//! ```text
+//! cargo run -p servant-tests --bin servant-bench -- soak \
+//!     [--duration 5m --churn-multiplier 10 --out target/bench/soak.json --check]
+//! ```
+//!
+//! `soak` runs real `servant` processes under churn and load for `--duration` (hours
+//! for a long soak) and checks resident memory, descriptors, tasks and panics of the
+//! nodes that stayed; see [`soak`].
 
 mod baseline_net;
 mod driver;
@@ -43,6 +52,7 @@ mod params;
 mod process;
 mod report;
 mod servant_net;
+mod soak;
 mod topology;
 
 use std::{
@@ -99,6 +109,18 @@ enum Mode {
         #[arg(long, default_value = "target/bench/nat.json")]
         out: PathBuf,
         /// Exit with status 1 when Servant misses a target.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Soak: a network under churn and load for a set time, checked for leaks
+    /// (memory, descriptors, tasks) and panics.
+    Soak {
+        #[command(flatten)]
+        params: soak::SoakParams,
+        /// Where the JSON report goes; the table is written beside it as `.txt`.
+        #[arg(long, default_value = "target/bench/soak.json")]
+        out: PathBuf,
+        /// Exit with status 1 when a criterion fails.
         #[arg(long)]
         check: bool,
     },
@@ -205,6 +227,13 @@ fn main() -> Result<()> {
         Mode::Nat { params, out, check } => {
             let report = stream_runtime()?.block_on(nat::run(&params, &out))?;
             if check && !report.all_targets_met {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Mode::Soak { params, out, check } => {
+            let report = stream_runtime()?.block_on(soak::run(&params, &out))?;
+            if check && !report.all_criteria_met {
                 std::process::exit(1);
             }
             Ok(())

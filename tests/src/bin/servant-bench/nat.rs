@@ -30,6 +30,10 @@ pub struct NatParams {
     /// Only these transports (tcp, quic).
     #[arg(long, value_delimiter = ',', default_value = "tcp,quic")]
     pub transports: Vec<String>,
+    /// Only these pairings (e.g. `full-cone/address-restricted`) [default: all].
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    pub pairings: Vec<String>,
 }
 
 /// One cell: a pairing, a transport, an implementation.
@@ -68,7 +72,7 @@ pub struct NatReport {
 /// and a pairing where it is impossible need not be watched for longer.
 pub const OUTCOME_WAIT: u64 = 15;
 
-const PAIRINGS: [(&str, Nat, Nat, bool); 2] = [
+const PAIRINGS: [(&str, Nat, Nat, bool); 4] = [
     (
         "port-restricted/port-restricted",
         Nat::PortRestricted,
@@ -81,7 +85,26 @@ const PAIRINGS: [(&str, Nat, Nat, bool); 2] = [
         Nat::PortRestricted,
         false,
     ),
+    // Filtering that lets the other side in: possible. The first peer dials, the
+    // second reserves; with a symmetric NAT the symmetric side's dial is what gets
+    // through the full cone.
+    (
+        "full-cone/address-restricted",
+        Nat::FullCone,
+        Nat::AddressRestricted,
+        true,
+    ),
+    ("symmetric/full-cone", Nat::Symmetric, Nat::FullCone, true),
 ];
+
+/// The pairings `params` selects, or every one.
+fn selected(
+    params: &NatParams,
+) -> impl Iterator<Item = &'static (&'static str, Nat, Nat, bool)> + '_ {
+    PAIRINGS.iter().filter(|(name, ..)| {
+        params.pairings.is_empty() || params.pairings.iter().any(|p| p == name)
+    })
+}
 
 fn listen(transport: &str) -> String {
     match transport {
@@ -214,6 +237,8 @@ async fn servant_trial(dir: &Path, transport: &str, a: Nat, b: Nat) -> Result<Ou
     let node = |name: &str, extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = [
             "run",
+            // The lab's routers run no UPnP; a search would only add noise.
+            "--no-upnp",
             "--data-dir",
             &dir.join(name).display().to_string(),
             "--listen",
@@ -336,7 +361,8 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
     // SERVANT_BENCH_KEEP=1 keeps every trial's logs (and says where).
     let keep = std::env::var_os("SERVANT_BENCH_KEEP").is_some();
     let mut cells = Vec::new();
-    for (pairing, a, b, _) in PAIRINGS {
+    for (pairing, a, b, _) in selected(params) {
+        let (pairing, a, b) = (*pairing, *a, *b);
         for transport in &params.transports {
             for implementation in ["servant", "baseline"] {
                 let mut outcomes = Vec::new();
@@ -400,7 +426,8 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
     let mut lines =
         vec![["cell", "Servant", "baseline", "ratio", "target", "result"].map(String::from)];
     let mut all_met = true;
-    for (pairing, _, _, possible) in PAIRINGS {
+    for (pairing, _, _, possible) in selected(params) {
+        let (pairing, possible) = (*pairing, *possible);
         for transport in &params.transports {
             let find = |imp: &str| {
                 cells.iter().find(|c| {

@@ -167,3 +167,14 @@ fn clock_ticks_per_second() -> f64 {
         100.0
     }
 }
+
+/// Starts `servant` children from a clean slate: the user's `RUST_LOG` and `SERVANT_*`
+/// settings would change what a benchmark measures.
+pub fn clear_servant_env(cmd: &mut std::process::Command) {
+    cmd.env_remove("RUST_LOG");
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("SERVANT_") {
+            cmd.env_remove(key);
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! libFuzzer entry for `servant_tests::fuzz::config_flags` (what it checks is documented there).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| servant_tests::fuzz::config_flags(data));

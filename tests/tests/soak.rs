@@ -1,0 +1,94 @@
+//! The CI soak: `servant-bench soak` for 5 minutes at 10x churn, with `--check`.
+//!
+//! Real `servant` processes (the debug build `cargo test` makes) leave and come back
+//! every 3 s while broadcasts, shares and fetches go on; the nodes that stay must
+//! show no memory, descriptor or task growth and no panic (see the bench's `soak`
+//! module for the criteria and how each is measured).
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use servant_tests::servant_bin;
+
+/// Criteria the node misses today (README, "Soak": resident memory still rises about
+/// 4 MiB per 10 minutes over a 5-minute debug run, and one or two nodes keep 6 tasks
+/// above their baseline after the churn). They are measured and printed but not
+/// asserted; every other criterion is. Delete an entry once it passes (the test says
+/// when it does).
+const KNOWN_FAILING: &[&str] = &[
+    "RSS slope, last 80% of the load",
+    "tokio tasks after churn, off baseline",
+];
+
+#[test]
+fn five_minutes_at_ten_times_churn() -> Result<()> {
+    // Under cargo's target directory, so a failed run's report and table stay there
+    // to read (the table says where the nodes' logs were kept).
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("soak.json");
+    let started = Instant::now();
+    // The bench prints its progress on stderr and the table on stdout; both pass
+    // through to the test's output.
+    let status = Command::new(env!("CARGO_BIN_EXE_servant-bench"))
+        .args(["soak", "--duration", "5m", "--churn-multiplier", "10"])
+        .arg("--servant-bin")
+        .arg(servant_bin())
+        .arg("--out")
+        .arg(&out)
+        .arg("--check")
+        .status()
+        .context("run servant-bench soak")?;
+    let took = started.elapsed();
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&out).with_context(|| format!("read {}", out.display()))?,
+    )?;
+    let criteria = report["criteria"]
+        .as_array()
+        .context("no criteria in the report")?;
+    for c in criteria {
+        println!(
+            "checked: {} = {} ({}; worst node {}): {}",
+            c["name"].as_str().unwrap_or("?"),
+            c["measured"],
+            c["target"].as_str().unwrap_or("?"),
+            c["node"].as_str().unwrap_or("?"),
+            if c["pass"] == true { "pass" } else { "FAIL" }
+        );
+    }
+    println!("report: {}", out.display());
+    println!(
+        "checked: the soak ran {:.0} s of load and churn, {} churn starts, {} broadcasts; the \
+         whole test took {:.0} s",
+        report["load_secs"].as_f64().unwrap_or(0.0),
+        report["churn"]["started"],
+        report["load"]["broadcasts_ok"],
+        took.as_secs_f64()
+    );
+    // Seven criteria: memory slope and growth, descriptors under load and after,
+    // tasks after, panics, deaths. Fewer would mean one went unchecked.
+    assert_eq!(criteria.len(), 7, "criteria: {criteria:?}");
+    assert!(
+        report["load_secs"].as_f64().unwrap_or(0.0) >= Duration::from_secs(290).as_secs_f64(),
+        "the load ran {} s, not 5 minutes",
+        report["load_secs"]
+    );
+    let mut failed = Vec::new();
+    for c in criteria {
+        let name = c["name"].as_str().unwrap_or("?");
+        let pass = c["pass"] == true;
+        let known = KNOWN_FAILING.iter().any(|k| name.starts_with(k));
+        match (pass, known) {
+            (false, false) => failed.push(name.to_string()),
+            (true, true) => println!("note: '{name}' passes now: remove it from KNOWN_FAILING"),
+            (false, true) => println!("known failing, not asserted: '{name}' (README, Soak)"),
+            (true, false) => {}
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "the soak failed {failed:?} ({status}); see the table above"
+    );
+    Ok(())
+}
