@@ -51,6 +51,8 @@ use crate::{
 
 /// How often the watermarks are checked and gauges refreshed.
 const TICK: Duration = Duration::from_secs(2);
+/// How often dropped log lines are summed up in one warning.
+const LOG_REPORT_INTERVAL: Duration = Duration::from_secs(60);
 /// Known peers are written at most this often while they change (and at shutdown),
 /// so a node killed without warning still finds its network at the next start.
 const SAVE_INTERVAL: Duration = Duration::from_secs(10);
@@ -75,6 +77,9 @@ pub struct Health {
     pub ready: bool,
     /// Why not, when not ready.
     pub not_ready_reason: Option<String>,
+    /// What an operator should know while the node serves: connection limits turning
+    /// peers away, for one.
+    pub warnings: Vec<String>,
 }
 
 struct ConnInfo {
@@ -112,12 +117,20 @@ pub struct EventLoop {
     dial_sources: HashMap<ConnectionId, (Option<PeerId>, Source)>,
     health: watch::Sender<Health>,
     started: Instant,
+    /// Connections the limits refused lately, for `/readyz`.
+    refusals: crate::refusals::Refusals,
+    /// Log lines the rate limit dropped, summed up once a minute.
+    log_report: (crate::log_limit::SuppressedReport, Instant),
     bootstrapped: bool,
     first_node: bool,
     last_save: Instant,
     persister: Persister,
     listeners: Vec<ListenerId>,
     local: PeerId,
+    /// Bootnodes and known peers, for Kademlia once the listeners are up.
+    seeds: Vec<(PeerId, Multiaddr)>,
+    /// Whether this node is in a private network (a pre-shared key).
+    private_network: bool,
     files: Files,
     served: mpsc::UnboundedReceiver<Served>,
     traversal: Traversal,
@@ -184,16 +197,15 @@ impl EventLoop {
             .filter(|(peer, _)| *peer != local)
             .collect();
         let first_node = bootnodes.is_empty();
-        for (peer, addr) in &bootnodes {
-            swarm.behaviour_mut().kad.add_address(peer, addr.clone());
-        }
+        // Handed to Kademlia only once the listeners are up (see `run`): a dial made
+        // before a listener reported its address leaves from a fresh port, and a NAT
+        // then shows peers an outside port that is not our listen port's mapping.
+        let mut seeds = bootnodes.clone();
         for peer in known.candidates() {
-            if swarm.behaviour().deny.list().denies_peer(&peer.peer_id) {
+            if !swarm.behaviour().deny.list().admits_peer(&peer.peer_id) {
                 continue;
             }
-            for addr in peer.addrs {
-                swarm.behaviour_mut().kad.add_address(&peer.peer_id, addr);
-            }
+            seeds.extend(peer.addrs.into_iter().map(|addr| (peer.peer_id, addr)));
         }
         for addr in &config.announce {
             swarm.add_external_address(addr.clone());
@@ -245,8 +257,12 @@ impl EventLoop {
             dial_sources: HashMap::new(),
             health,
             started: Instant::now(),
+            log_report: (Default::default(), Instant::now()),
+            refusals: Default::default(),
             bootstrapped: false,
             local,
+            seeds,
+            private_network: config.psk_file.is_some(),
         })
     }
 
@@ -305,6 +321,9 @@ impl EventLoop {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for (peer, addr) in std::mem::take(&mut self.seeds) {
+            self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+        }
         if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
             tracing::debug!(error = %e, "no peer to bootstrap from yet");
         }
@@ -403,6 +422,7 @@ impl EventLoop {
                 self.libp2p_metrics.record(&e);
                 self.traversal.on_dcutr(e)
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Upnp(e)) => self.traversal.on_upnp(e),
             SwarmEvent::Behaviour(BehaviourEvent::Stream(())) => {}
             SwarmEvent::Behaviour(BehaviourEvent::Deny(never)) => match never {},
             SwarmEvent::Behaviour(BehaviourEvent::Limits(never)) => match never {},
@@ -570,56 +590,65 @@ impl EventLoop {
             .set(self.peer_manager.connected_count() as i64);
     }
 
-    /// Two nodes that dial each other at once end up with two connections, each with
-    /// its own streams and buffers. Both sides keep the same one: the connection dialed
-    /// by the smaller PeerId (among several such, the dialer keeps its oldest). Relayed
-    /// connections are left alone.
+    /// A peer can end up with several connections: two nodes dialing each other at
+    /// once, an AutoNAT dial-back, a DHT lookup dialing a peer already connected. Each
+    /// costs streams and buffers, so both ends keep one (see [`crate::duplicates`] for
+    /// which). A relayed connection is closed once a direct one exists (hole punching
+    /// worked, or the peer became reachable): it costs the relay a circuit, which the
+    /// relay cuts at its limits anyway, and new streams would otherwise keep landing on
+    /// it.
     fn close_duplicates(&mut self, peer: PeerId) {
-        if self.traversal.is_relay(&peer) {
+        // A reservation, ours on a relay or a peer's on us, lives on one connection;
+        // which one is not ours to guess, so those peers keep all of theirs.
+        if self.traversal.is_relay(&peer) || self.traversal.reserved_here(&peer) {
             return;
         }
         let Some(state) = self.peers.get(&peer) else {
             return;
         };
-        let direct: Vec<(ConnectionId, bool, bool)> = state
+        let (relayed, direct): (Vec<_>, Vec<_>) = state
             .connections
             .iter()
-            .filter(|(_, c)| !crate::addr::is_relayed(&c.addr))
-            .map(|(id, c)| (*id, c.outbound, c.chosen))
-            .collect();
-        if direct.len() < 2 {
+            .partition(|(_, c)| crate::addr::is_relayed(&c.addr));
+        if direct.is_empty() {
             return;
         }
-        let we_are_smaller = self.local < peer;
-        let preferred: Vec<(ConnectionId, bool, bool)> = direct
+        let chosen: std::collections::HashSet<ConnectionId> = state
+            .connections
             .iter()
-            .copied()
-            .filter(|(_, outbound, _)| *outbound == we_are_smaller)
+            .filter(|(_, c)| c.chosen)
+            .map(|(id, _)| *id)
             .collect();
-        let keep = if preferred.is_empty() {
-            direct.clone()
-        } else {
-            preferred
-        };
-        let mut keep_ids: Vec<ConnectionId> = keep.iter().map(|(id, _, _)| *id).collect();
-        // When we dialed them all, we choose: the oldest (ids grow with time). When
-        // the peer did, it chooses and closes the rest itself.
-        if keep.iter().all(|(_, outbound, _)| *outbound) {
-            keep_ids.sort();
-            keep_ids.truncate(1);
-        }
+        let relayed: Vec<ConnectionId> = relayed.into_iter().map(|(id, _)| *id).collect();
+        let direct: Vec<crate::duplicates::Direct> = direct
+            .into_iter()
+            .map(|(id, c)| crate::duplicates::Direct {
+                id: *id,
+                outbound: c.outbound,
+                since: c.since,
+            })
+            .collect();
+        let decision = crate::duplicates::decide(&direct, self.local < peer);
         let mut closed_a_chosen_one = false;
-        for (id, _, chosen) in direct {
-            if !keep_ids.contains(&id) {
-                tracing::debug!(%peer, connection = ?id, "closing a duplicate connection");
-                self.swarm.close_connection(id);
-                closed_a_chosen_one |= chosen;
-            }
+        for id in relayed {
+            tracing::debug!(%peer, connection = ?id, "closing a relayed connection: a direct one exists");
+            self.swarm.close_connection(id);
+            closed_a_chosen_one |= chosen.contains(&id);
         }
-        // The connection we chose is gone; the one kept inherits its standing, so a
-        // DHT lookup's connection that happened to win is held open too.
-        if closed_a_chosen_one {
-            for id in keep_ids {
+        for id in &decision.close {
+            tracing::debug!(%peer, connection = ?id, "closing a duplicate connection");
+            self.swarm.close_connection(*id);
+            closed_a_chosen_one |= chosen.contains(id);
+        }
+        for id in decision.keep {
+            // The one kept may be younger than one closed; its handlers may sleep
+            // through what was queued for the closed one, so it is woken from now on.
+            if decision.kept_a_younger_one {
+                self.swarm.behaviour_mut().keep_alive.nudge(peer, id);
+            }
+            // The connection we chose is gone; the one kept inherits its standing, so
+            // a DHT lookup's connection that happened to win is held open too.
+            if closed_a_chosen_one {
                 self.swarm.behaviour_mut().keep_alive.hold(peer, id);
                 if let Some(c) = self
                     .peers
@@ -677,7 +706,8 @@ impl EventLoop {
         }
         let retry = self.peer_manager.on_dial_failure(peer, Instant::now());
         if self.peer_manager.is_bootnode(&peer) {
-            tracing::warn!(%peer, error = %error, retry_in = ?retry, "bootnode unreachable; retrying with backoff");
+            let hint = handshake_hint(&error.to_string(), self.private_network).unwrap_or("");
+            tracing::warn!(%peer, error = %error, hint, retry_in = ?retry, "bootnode unreachable; retrying with backoff");
         } else {
             tracing::debug!(%peer, error = %error, retry_in = ?retry, "dial failed");
         }
@@ -689,11 +719,14 @@ impl EventLoop {
                 self.count_denied(cause);
                 tracing::debug!(%from, %cause, "refused inbound connection");
             }
-            other => tracing::debug!(%from, error = %other, "inbound connection failed"),
+            other => {
+                let hint = handshake_hint(&other.to_string(), self.private_network).unwrap_or("");
+                tracing::debug!(%from, error = %other, hint, "inbound connection failed");
+            }
         }
     }
 
-    fn count_denied(&self, cause: &libp2p::swarm::ConnectionDenied) {
+    fn count_denied(&mut self, cause: &libp2p::swarm::ConnectionDenied) {
         let reason = if let Some(denied) = cause.downcast_ref::<deny::Denied>() {
             denied.reason()
         } else if cause
@@ -701,9 +734,18 @@ impl EventLoop {
             .is_some()
         {
             "limit"
+        } else if cause
+            .downcast_ref::<crate::ip_limits::IpLimitExceeded>()
+            .is_some()
+        {
+            "ip_limit"
         } else {
             "other"
         };
+        if matches!(reason, "limit" | "ip_limit") {
+            self.refusals.record(reason == "ip_limit", Instant::now());
+            self.publish_health(None);
+        }
         self.metrics
             .connections_denied
             .get_or_create(&ReasonLabel { reason })
@@ -711,11 +753,36 @@ impl EventLoop {
     }
 
     fn on_identify(&mut self, event: identify::Event) {
-        self.libp2p_metrics.record(&event);
-        let identify::Event::Received { peer_id, info, .. } = event else {
+        let identify::Event::Received {
+            connection_id,
+            peer_id,
+            info,
+        } = event
+        else {
+            self.libp2p_metrics.record(&event);
             return;
         };
-        self.traversal.on_identify(&mut self.swarm, peer_id, &info);
+        // libp2p's identify metrics label a series by the protocol stack of every
+        // listen address a peer announces: label values the network chooses, one set
+        // per peer. The metrics see the event without its addresses, so the number of
+        // series stays bounded whatever peers announce.
+        let mut counted = info.clone();
+        counted.listen_addrs.clear();
+        self.libp2p_metrics.record(&identify::Event::Received {
+            connection_id,
+            peer_id,
+            info: counted,
+        });
+        // An address we reached this peer on: the best one to reserve a relay slot on.
+        let dialed = self.peers.get(&peer_id).and_then(|state| {
+            state
+                .connections
+                .values()
+                .find(|c| c.outbound && !crate::addr::is_relayed(&c.addr))
+                .map(|c| c.addr.clone())
+        });
+        self.traversal
+            .on_identify(&mut self.swarm, peer_id, &info, dialed);
         if let Some(state) = self.peers.get_mut(&peer_id) {
             state.agent = Some(info.agent_version.clone());
             state.protocol_version = Some(info.protocol_version.clone());
@@ -914,6 +981,15 @@ impl EventLoop {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        if now.duration_since(self.log_report.1) >= LOG_REPORT_INTERVAL {
+            self.log_report.1 = now;
+            if let Some(dropped) = self.log_report.0.take() {
+                tracing::warn!(
+                    dropped,
+                    "dropped log lines repeated faster than the log rate limit allows"
+                );
+            }
+        }
         self.files.on_tick(&mut self.swarm);
         self.traversal.tick(&mut self.swarm, now);
         // Our relays are protected like bootnodes: the reservation is our address.
@@ -983,10 +1059,12 @@ impl EventLoop {
         let (ready, reason) = self.readiness();
         self.metrics.ready.set(i64::from(ready));
         let last_tick = tick.unwrap_or_else(|| self.health.borrow().last_tick);
+        let warnings = self.refusals.warning(Instant::now()).into_iter().collect();
         self.health.send_replace(Health {
             last_tick,
             ready,
             not_ready_reason: reason,
+            warnings,
         });
     }
 
@@ -1037,7 +1115,7 @@ impl EventLoop {
             });
         }
         let deny = self.swarm.behaviour().deny.list();
-        list.retain(|c| c.peer != local && !deny.denies_peer(&c.peer));
+        list.retain(|c| c.peer != local && deny.admits_peer(&c.peer));
         list
     }
 
@@ -1167,7 +1245,18 @@ impl EventLoop {
                 peer,
                 request,
                 reply,
-            } => self.files.request(&mut self.swarm, peer, request, reply),
+            } => {
+                // request-response picks any connection; if all are relayed, so is this.
+                let relayed = self.peers.get(&peer).is_some_and(|state| {
+                    !state.connections.is_empty()
+                        && state
+                            .connections
+                            .values()
+                            .all(|c| crate::addr::is_relayed(&c.addr))
+                });
+                self.files
+                    .request(&mut self.swarm, peer, request, reply, relayed)
+            }
             Command::FindProviders { id, reply } => {
                 self.files.find_providers(&mut self.swarm, id, reply)
             }
@@ -1359,6 +1448,10 @@ impl EventLoop {
 
     fn peer_views(&self) -> Vec<PeerView> {
         let gossipsub = &self.swarm.behaviour().gossipsub;
+        let topics: HashMap<&PeerId, usize> = gossipsub
+            .all_peers()
+            .map(|(peer, topics)| (peer, topics.len()))
+            .collect();
         let mut views: Vec<PeerView> = self
             .peers
             .iter()
@@ -1384,6 +1477,7 @@ impl EventLoop {
                     connected_since: state.since_unix,
                     protected: self.peer_manager.is_protected(peer),
                     gossipsub_score: gossipsub.peer_score(peer),
+                    gossip_topics: topics.get(peer).copied().unwrap_or(0),
                 }
             })
             .collect();
@@ -1419,6 +1513,20 @@ fn usefulness(
 /// The address a connection is known by, and whether we dialed it. A relayed
 /// inbound connection's send-back address is only the remote's `/p2p/` id; its
 /// local address, the circuit it arrived through, says what it is.
+/// What a failed handshake most likely means for a private network, which libp2p's
+/// errors cannot say: a node without the pre-shared key reads the other side's
+/// encrypted bytes as garbage, and each side sees only "handshake failed".
+fn handshake_hint(error: &str, private_network: bool) -> Option<&'static str> {
+    if !error.contains("Handshake failed") && !error.contains("Failed to negotiate") {
+        return None;
+    }
+    Some(if private_network {
+        "this node is in a private network (psk_file): a peer without the same pre-shared key cannot complete the handshake"
+    } else {
+        "a private network's nodes (pre-shared key) break off the handshake of nodes without their key: if this network is private, set psk_file"
+    })
+}
+
 fn endpoint_addr(endpoint: &ConnectedPoint) -> (Multiaddr, bool) {
     match endpoint {
         ConnectedPoint::Dialer { address, .. } => (address.clone(), true),

@@ -13,11 +13,17 @@
 //! A connection Kademlia opened for a lookup is not held: it closes once idle, unless
 //! gossipsub takes the peer into a mesh. Without this distinction every node's first
 //! lookups would leave it connected to most of the network.
+//!
+//! The handler also wakes a connection on a timer when told to ([`Behaviour::nudge`]):
+//! a connection kept in place of an older duplicate can have protocol handlers that
+//! only wake for work once they have a stream (gossipsub's), and the timer makes them
+//! look at their queues until they have one. See [`crate::duplicates`].
 
 use std::{
     collections::{HashSet, VecDeque},
     convert::Infallible,
     task::{Context, Poll, Waker},
+    time::Duration,
 };
 
 use libp2p::{
@@ -37,9 +43,9 @@ pub struct Behaviour {
     /// Outbound connections dialed on purpose and not yet established. Bounded by
     /// the dials in flight: entries leave on establishment or on failure.
     managed: HashSet<ConnectionId>,
-    /// Established connections to start holding open, bounded by the node's own
-    /// decisions (one per duplicate closed).
-    to_hold: VecDeque<(PeerId, ConnectionId)>,
+    /// Commands for established connections, bounded by the node's own decisions
+    /// (at most two per duplicate closed).
+    to_send: VecDeque<(PeerId, ConnectionId, Command)>,
     waker: Option<Waker>,
 }
 
@@ -52,7 +58,16 @@ impl Behaviour {
     /// Starts holding an established connection open (one that replaces a held
     /// connection the node closed as a duplicate).
     pub fn hold(&mut self, peer: PeerId, connection_id: ConnectionId) {
-        self.to_hold.push_back((peer, connection_id));
+        self.send(peer, connection_id, Command::Hold);
+    }
+
+    /// Wakes an established connection every [`NUDGE_INTERVAL`] from now on.
+    pub fn nudge(&mut self, peer: PeerId, connection_id: ConnectionId) {
+        self.send(peer, connection_id, Command::Nudge);
+    }
+
+    fn send(&mut self, peer: PeerId, connection_id: ConnectionId, command: Command) {
+        self.to_send.push_back((peer, connection_id, command));
         if let Some(waker) = self.waker.take() {
             waker.wake();
         }
@@ -70,7 +85,10 @@ impl NetworkBehaviour for Behaviour {
         _: &Multiaddr,
         _: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(Handler { keep_alive: true })
+        Ok(Handler {
+            keep_alive: true,
+            nudge: None,
+        })
     }
 
     fn handle_established_outbound_connection(
@@ -83,6 +101,7 @@ impl NetworkBehaviour for Behaviour {
     ) -> Result<THandler<Self>, ConnectionDenied> {
         Ok(Handler {
             keep_alive: self.managed.remove(&connection_id),
+            nudge: None,
         })
     }
 
@@ -105,11 +124,11 @@ impl NetworkBehaviour for Behaviour {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        if let Some((peer_id, id)) = self.to_hold.pop_front() {
+        if let Some((peer_id, id, event)) = self.to_send.pop_front() {
             return Poll::Ready(ToSwarm::NotifyHandler {
                 peer_id,
                 handler: NotifyHandler::One(id),
-                event: Hold,
+                event,
             });
         }
         self.waker = Some(cx.waker().clone());
@@ -117,19 +136,29 @@ impl NetworkBehaviour for Behaviour {
     }
 }
 
-/// Tells a [`Handler`] to hold its connection open from now on.
+/// How often a nudged connection is woken: well inside gossipsub's shortest queue
+/// deadline (forwarded messages, 1 s by default).
+pub const NUDGE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What the behaviour tells a [`Handler`].
 #[derive(Debug)]
-pub struct Hold;
+pub enum Command {
+    /// Hold the connection open from now on.
+    Hold,
+    /// Wake the connection every [`NUDGE_INTERVAL`] from now on.
+    Nudge,
+}
 
 /// A handler that speaks no protocol and asks for its connection to stay open, or
 /// leaves that to the other protocols.
 #[derive(Debug)]
 pub struct Handler {
     keep_alive: bool,
+    nudge: Option<tokio::time::Interval>,
 }
 
 impl ConnectionHandler for Handler {
-    type FromBehaviour = Hold;
+    type FromBehaviour = Command;
     type ToBehaviour = Infallible;
     type InboundProtocol = DeniedUpgrade;
     type OutboundProtocol = DeniedUpgrade;
@@ -144,14 +173,26 @@ impl ConnectionHandler for Handler {
         self.keep_alive
     }
 
-    fn on_behaviour_event(&mut self, _: Self::FromBehaviour) {
-        self.keep_alive = true;
+    fn on_behaviour_event(&mut self, command: Self::FromBehaviour) {
+        match command {
+            Command::Hold => self.keep_alive = true,
+            Command::Nudge => {
+                let mut interval = tokio::time::interval(NUDGE_INTERVAL);
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                self.nudge = Some(interval);
+            }
+        }
     }
 
     fn poll(
         &mut self,
-        _: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, (), Self::ToBehaviour>> {
+        // Each tick wakes the connection's task, which polls every protocol's handler
+        // on it; this one has nothing to report.
+        if let Some(interval) = self.nudge.as_mut() {
+            while interval.poll_tick(cx).is_ready() {}
+        }
         Poll::Pending
     }
 

@@ -6,9 +6,17 @@
 
 #![allow(clippy::missing_panics_doc)]
 
+pub mod compose;
 pub mod file_peer;
+pub mod fuzz;
 pub mod gossip_peer;
+pub mod gossip_raw;
+pub mod hostile;
 pub mod natlab;
+pub mod raw_peer;
+
+mod api;
+pub use api::Api;
 
 use std::{
     collections::HashSet,
@@ -23,13 +31,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
 use libp2p::{Multiaddr, PeerId};
-use servant::{
-    broadcast::Delivery,
-    client::{BanOutcome, ConnectOutcome, PeerView, Status},
-    fetch::Progress,
-    store::ContentInfo,
-};
-use servant_protocol::search::Hit;
+use servant::broadcast::Delivery;
 use tokio::sync::mpsc;
 
 /// Path of the `servant` binary under test: `$SERVANT_BIN`, else the one cargo built
@@ -126,13 +128,21 @@ pub struct TestNode {
     child: Option<Child>,
     log_dir: PathBuf,
     starts: u32,
-    http: reqwest::Client,
+    api: Api,
+}
+
+impl std::ops::Deref for TestNode {
+    type Target = Api;
+
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 impl TestNode {
     /// The API's base URL.
     pub fn api_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.api_port)
+        format!("http://{}", local_api(self.api_port))
     }
 
     /// The node's TCP multiaddr with `/p2p/`, for `--bootnode`.
@@ -179,17 +189,36 @@ impl TestNode {
     pub fn run_args(&self) -> Vec<String> {
         let mut args = vec![
             "run".to_string(),
+            // No SSDP search leaves the machine from a test.
+            "--no-upnp".into(),
             "--data-dir".into(),
             self.data_dir.display().to_string(),
             "--listen".into(),
-            format!(
-                "/ip4/{h}/tcp/{p},/ip4/{h}/udp/{p}/quic-v1",
-                h = self.p2p_host,
-                p = self.p2p_port
-            ),
+            // A private network's node speaks TCP only (QUIC has no place for its key).
+            if self.args.iter().any(|a| a == "--psk-file") {
+                format!("/ip4/{h}/tcp/{p}", h = self.p2p_host, p = self.p2p_port)
+            } else {
+                format!(
+                    "/ip4/{h}/tcp/{p},/ip4/{h}/udp/{p}/quic-v1",
+                    h = self.p2p_host,
+                    p = self.p2p_port
+                )
+            },
             "--api".into(),
             format!("{}:{}", self.api_host, self.api_port),
         ];
+        // Every test node shares 127.0.0.1, which the per-IP cap would count as one
+        // host: tests lift it to the total cap unless they test it.
+        if !self.args.iter().any(|a| a == "--max-connections-per-ip") {
+            let total = self
+                .args
+                .iter()
+                .position(|a| a == "--max-connections")
+                .and_then(|i| self.args.get(i + 1))
+                .cloned()
+                .unwrap_or_else(|| "256".into());
+            args.extend(["--max-connections-per-ip".into(), total]);
+        }
         args.extend(self.args.iter().cloned());
         args
     }
@@ -208,7 +237,7 @@ impl TestNode {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
-            .env("SERVANT_LOG_LEVEL", "info,servant=debug")
+            .env("SERVANT_LOG_LEVEL", node_log_level())
             .env_remove("RUST_LOG");
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -249,13 +278,7 @@ impl TestNode {
                 .find_map(|l| l.strip_prefix("PeerId: "))
                 .map(|s| s.trim().to_string());
             if let Some(id) = id {
-                let live = self
-                    .http
-                    .get(format!("{}/livez", self.api_url()))
-                    .timeout(Duration::from_secs(2))
-                    .send()
-                    .await;
-                if matches!(live, Ok(r) if r.status().is_success()) {
+                if self.api.livez().await {
                     break id.parse::<PeerId>()?;
                 }
             }
@@ -303,224 +326,10 @@ impl TestNode {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.stderr_path(self.starts)).unwrap_or_default()
     }
+}
 
-    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.api_url()))
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await?;
-        let status = response.status();
-        let text = response.text().await?;
-        if !status.is_success() {
-            bail!("{} GET {path}: {status}: {text}", self.name);
-        }
-        serde_json::from_str(&text).with_context(|| format!("decode {text}"))
-    }
-
-    async fn post<T: serde::de::DeserializeOwned>(
-        &self,
-        path: &str,
-        body: serde_json::Value,
-    ) -> Result<T> {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.api_url()))
-            .json(&body)
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await?;
-        let status = response.status();
-        let text = response.text().await?;
-        if !status.is_success() {
-            bail!("{} POST {path}: {status}: {text}", self.name);
-        }
-        serde_json::from_str(&text).with_context(|| format!("decode {text}"))
-    }
-
-    /// `POST /v1/share`: imports and announces a file or directory.
-    pub async fn share(&self, path: &Path) -> Result<ContentInfo> {
-        let response = self
-            .http
-            .post(format!("{}/v1/share", self.api_url()))
-            .json(&serde_json::json!({ "path": path }))
-            .timeout(Duration::from_secs(600))
-            .send()
-            .await?;
-        let status = response.status();
-        let text = response.text().await?;
-        if !status.is_success() {
-            bail!("{} share {}: {status}: {text}", self.name, path.display());
-        }
-        serde_json::from_str(&text).with_context(|| format!("decode {text}"))
-    }
-
-    /// `GET /v1/shares`.
-    pub async fn shares(&self) -> Result<Vec<ContentInfo>> {
-        self.get("/v1/shares").await
-    }
-
-    /// `POST /v1/fetch`, following its progress to the end. Returns every event; the
-    /// last one is `finished` or `failed`.
-    pub async fn fetch(&self, id: &str, out: &Path) -> Result<Vec<Progress>> {
-        let mut events = Vec::new();
-        let mut stream = self.fetch_stream(id, out).await?;
-        while let Some(event) = stream.recv().await {
-            events.push(event);
-        }
-        match events.last() {
-            Some(Progress::Finished { .. } | Progress::Failed { .. }) => Ok(events),
-            _ => bail!("{}: fetch stream ended early: {events:?}", self.name),
-        }
-    }
-
-    /// `POST /v1/fetch`, with its progress events forwarded to a channel as they
-    /// arrive (dropping the receiver cancels the fetch).
-    pub async fn fetch_stream(&self, id: &str, out: &Path) -> Result<mpsc::Receiver<Progress>> {
-        let response = self
-            .http
-            .post(format!("{}/v1/fetch", self.api_url()))
-            .json(&serde_json::json!({ "id": id, "out": out, "overwrite": true }))
-            .send()
-            .await?;
-        if !response.status().is_success() {
-            let status = response.status();
-            bail!("{} fetch: {status}: {}", self.name, response.text().await?);
-        }
-        Ok(json_lines(response))
-    }
-
-    /// `GET /v1/search`: every hit within `timeout`.
-    pub async fn search(&self, term: &str, ttl: u8, timeout: Duration) -> Result<Vec<Hit>> {
-        let response = self
-            .http
-            .get(format!("{}/v1/search", self.api_url()))
-            .query(&[
-                ("term", term.to_string()),
-                ("ttl", ttl.to_string()),
-                ("timeout_ms", timeout.as_millis().to_string()),
-            ])
-            .send()
-            .await?;
-        if !response.status().is_success() {
-            let status = response.status();
-            bail!("{} search: {status}: {}", self.name, response.text().await?);
-        }
-        let mut rx = json_lines(response);
-        let mut hits = Vec::new();
-        while let Some(hit) = rx.recv().await {
-            hits.push(hit);
-        }
-        Ok(hits)
-    }
-
-    /// `GET /v1/status`.
-    pub async fn status(&self) -> Result<Status> {
-        self.get("/v1/status").await
-    }
-
-    /// `GET /v1/peers`.
-    pub async fn peers(&self) -> Result<Vec<PeerView>> {
-        self.get("/v1/peers").await
-    }
-
-    /// PeerIds of connected peers.
-    pub async fn peer_ids(&self) -> Result<HashSet<PeerId>> {
-        Ok(self
-            .peers()
-            .await?
-            .iter()
-            .filter_map(|p| p.peer_id.parse().ok())
-            .collect())
-    }
-
-    /// `POST /v1/connect`.
-    pub async fn connect(&self, target: &str) -> Result<ConnectOutcome> {
-        self.post("/v1/connect", serde_json::json!({ "target": target }))
-            .await
-    }
-
-    /// `POST /v1/ban`.
-    pub async fn ban(&self, target: &str) -> Result<BanOutcome> {
-        self.post("/v1/ban", serde_json::json!({ "target": target }))
-            .await
-    }
-
-    /// `POST /v1/unban`.
-    pub async fn unban(&self, target: &str) -> Result<BanOutcome> {
-        self.post("/v1/unban", serde_json::json!({ "target": target }))
-            .await
-    }
-
-    /// `POST /v1/publish`.
-    pub async fn publish(&self, topic: &str, title: &str, body: &str) -> Result<Delivery> {
-        self.post(
-            "/v1/publish",
-            serde_json::json!({ "topic": topic, "title": title, "body": body }),
-        )
-        .await
-    }
-
-    /// `GET /readyz` status code.
-    pub async fn readyz(&self) -> Result<u16> {
-        Ok(self
-            .http
-            .get(format!("{}/readyz", self.api_url()))
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await?
-            .status()
-            .as_u16())
-    }
-
-    /// The `/metrics` text.
-    pub async fn metrics(&self) -> Result<String> {
-        Ok(self
-            .http
-            .get(format!("{}/metrics", self.api_url()))
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await?
-            .text()
-            .await?)
-    }
-
-    /// The value of one series in `/metrics` (exact name with labels), 0 if absent.
-    pub async fn metric(&self, series: &str) -> Result<f64> {
-        let text = self.metrics().await?;
-        Ok(metric_value(&text, series).unwrap_or(0.0))
-    }
-
-    /// Opens `GET /v1/subscribe?topic=` and forwards each delivery to a channel.
-    pub async fn subscribe(&self, topic: &str) -> Result<Subscription> {
-        let response = self
-            .http
-            .get(format!("{}/v1/subscribe", self.api_url()))
-            .query(&[("topic", topic)])
-            .send()
-            .await?;
-        if !response.status().is_success() {
-            bail!("{} subscribe: {}", self.name, response.status());
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            let mut stream = response.bytes_stream();
-            let mut buffer = Vec::new();
-            while let Some(Ok(chunk)) = stream.next().await {
-                buffer.extend_from_slice(&chunk);
-                while let Some(pos) = buffer.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buffer.drain(..=pos).collect();
-                    if let Ok(delivery) = serde_json::from_slice::<Delivery>(&line) {
-                        if tx.send(delivery).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        Ok(Subscription { rx, task })
-    }
+fn local_api(port: u16) -> String {
+    format!("127.0.0.1:{port}")
 }
 
 /// Finds `series` (name and labels exactly as printed) in exposition text.
@@ -642,11 +451,12 @@ impl Net {
     /// Adds a node (not started) and returns its index.
     pub fn add(&mut self, name: &str, args: &[String]) -> usize {
         let dir = self.dir().to_path_buf();
+        let api_port = free_port();
         self.nodes.push(TestNode {
             name: name.to_string(),
             data_dir: dir.join(name),
             p2p_port: free_port(),
-            api_port: free_port(),
+            api_port,
             peer_id: None,
             args: args.to_vec(),
             env: Vec::new(),
@@ -656,7 +466,12 @@ impl Net {
             child: None,
             log_dir: dir,
             starts: 0,
-            http: self.http.clone(),
+            api: Api::new(
+                name,
+                &format!("http://{}", local_api(api_port)),
+                None,
+                self.http.clone(),
+            ),
         });
         self.nodes.len() - 1
     }
@@ -832,4 +647,10 @@ pub fn skip_unless(available: bool, what: &str) -> bool {
     );
     eprintln!("\n!!!!! SKIPPED: {what} is missing; this test did not run !!!!!\n");
     true
+}
+
+/// The log filter test nodes run with: `SERVANT_TEST_LOG_LEVEL` when set (to look inside
+/// libp2p while chasing a failure), else the node's own debug lines.
+fn node_log_level() -> String {
+    std::env::var("SERVANT_TEST_LOG_LEVEL").unwrap_or_else(|_| "info,servant=debug".into())
 }
