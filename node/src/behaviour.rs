@@ -191,7 +191,8 @@ fn gossipsub_config(validate: bool) -> Result<gossipsub::Config, BehaviourError>
     builder
         .validation_mode(gossipsub::ValidationMode::Strict)
         .message_id_fn(message_id)
-        .max_transmit_size(GOSSIPSUB_MAX_TRANSMIT);
+        .max_transmit_size(GOSSIPSUB_MAX_TRANSMIT)
+        .connection_handler_queue_len(crate::slow_peers::GOSSIP_QUEUE_LEN);
     if validate {
         builder.validate_messages();
     }

@@ -135,6 +135,8 @@ pub struct EventLoop {
     served: mpsc::UnboundedReceiver<Served>,
     traversal: Traversal,
     probe_reports: mpsc::UnboundedReceiver<ProbeReport>,
+    /// Peers gossipsub reports as not reading their messages.
+    slow_gossip: crate::slow_peers::SlowGossip,
 }
 
 /// The parts [`EventLoop::new`] needs.
@@ -254,6 +256,7 @@ impl EventLoop {
             peers: HashMap::new(),
             pending_connects: HashMap::new(),
             wanted: std::collections::HashSet::new(),
+            slow_gossip: Default::default(),
             dial_sources: HashMap::new(),
             health,
             started: Instant::now(),
@@ -580,6 +583,7 @@ impl EventLoop {
         self.traversal.on_closed(peer, num_established);
         if num_established == 0 {
             self.peers.remove(&peer);
+            self.slow_gossip.forget(&peer);
             self.peer_manager
                 .on_disconnected(peer, Instant::now(), chosen);
             tracing::debug!(%peer, cause = ?cause, "disconnected");
@@ -930,6 +934,17 @@ impl EventLoop {
 
     fn on_gossipsub(&mut self, event: gossipsub::Event) {
         self.libp2p_metrics.record(&event);
+        if let gossipsub::Event::SlowPeer {
+            peer_id,
+            failed_messages,
+        } = &event
+        {
+            let failed = failed_messages
+                .priority
+                .saturating_add(failed_messages.non_priority);
+            self.slow_gossip.report(*peer_id, failed, Instant::now());
+            return;
+        }
         let gossipsub::Event::Message {
             propagation_source,
             message_id,
@@ -979,6 +994,36 @@ impl EventLoop {
 
     // ---------------------------------------------------------------- timers
 
+    /// Disconnects peers that leave what we send them unread (see
+    /// [`crate::slow_peers`]).
+    fn drop_slow_readers(&mut self, now: Instant) {
+        let gossip = self
+            .slow_gossip
+            .due(now)
+            .into_iter()
+            .map(|(peer, failed)| (peer, "gossipsub", failed));
+        let file = self
+            .files
+            .overdue_readers(now)
+            .into_iter()
+            .map(|peer| (peer, "file", 0));
+        let slow: Vec<(PeerId, &'static str, usize)> = gossip.chain(file).collect();
+        for (peer, protocol, failed) in slow {
+            if protocol == "file" {
+                self.files.forget_responses(&peer);
+            }
+            if !self.swarm.is_connected(&peer) {
+                continue;
+            }
+            tracing::warn!(%peer, protocol, failed, "disconnecting a peer that does not read what it is sent");
+            self.metrics
+                .slow_peers_dropped
+                .get_or_create(&crate::metrics::ProtocolLabel { protocol })
+                .inc();
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
     fn on_tick(&mut self) {
         let now = Instant::now();
         if now.duration_since(self.log_report.1) >= LOG_REPORT_INTERVAL {
@@ -991,6 +1036,7 @@ impl EventLoop {
             }
         }
         self.files.on_tick(&mut self.swarm);
+        self.drop_slow_readers(now);
         self.traversal.tick(&mut self.swarm, now);
         // Our relays are protected like bootnodes: the reservation is our address.
         self.peer_manager.set_relays(self.traversal.relays());

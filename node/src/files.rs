@@ -95,9 +95,9 @@ pub struct Files {
     serve_rate: u64,
     served_tx: mpsc::UnboundedSender<Served>,
     serving: HashMap<PeerId, PeerServe>,
-    /// Responses handed to the swarm and not yet written: they still count against
-    /// the peer's concurrency until sent (or failed).
-    responding: HashMap<InboundRequestId, PeerId>,
+    /// Responses handed to the swarm and not yet written, with the time each must be
+    /// read by: they still count against the peer's concurrency until sent (or failed).
+    responding: HashMap<InboundRequestId, (PeerId, Instant)>,
     /// Our requests in flight: the peer, who waits for the answer, and whether the
     /// request went over a relayed connection (a failure then names the relay).
     pending: HashMap<OutboundRequestId, PendingRequest>,
@@ -203,9 +203,30 @@ impl Files {
         }
     }
 
+    /// Peers with a response of ours unread past its deadline (see
+    /// [`crate::slow_peers`]), each once.
+    pub fn overdue_readers(&self, now: Instant) -> Vec<PeerId> {
+        let mut peers: Vec<PeerId> = self
+            .responding
+            .values()
+            .filter(|(_, deadline)| *deadline < now)
+            .map(|(peer, _)| *peer)
+            .collect();
+        peers.sort();
+        peers.dedup();
+        peers
+    }
+
+    /// Forgets the responses pending to `peer`, which is being disconnected for not
+    /// reading them.
+    pub fn forget_responses(&mut self, peer: &PeerId) {
+        self.responding.retain(|_, (p, _)| p != peer);
+        self.serving.remove(peer);
+    }
+
     /// A response of ours is written (or failed): the peer may have another.
     fn sent(&mut self, request_id: InboundRequestId) {
-        if let Some(peer) = self.responding.remove(&request_id) {
+        if let Some((peer, _)) = self.responding.remove(&request_id) {
             if let Some(state) = self.serving.get_mut(&peer) {
                 state.in_flight = state.in_flight.saturating_sub(1);
             }
@@ -325,7 +346,9 @@ impl Files {
             .file
             .send_response(served.channel, served.response);
         if sent.is_ok() {
-            self.responding.insert(served.request_id, served.peer);
+            let deadline = crate::slow_peers::response_deadline(bytes, Instant::now());
+            self.responding
+                .insert(served.request_id, (served.peer, deadline));
         } else if let Some(state) = self.serving.get_mut(&served.peer) {
             // The stream is gone (the peer left, or its request timed out).
             state.in_flight = state.in_flight.saturating_sub(1);

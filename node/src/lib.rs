@@ -48,6 +48,7 @@ pub mod refusals;
 pub mod relays;
 pub mod role;
 pub mod search;
+pub mod slow_peers;
 pub mod store;
 pub mod subscription_cap;
 pub mod swarm;

@@ -55,6 +55,13 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Label for a family split by one of Servant's protocols (a fixed name).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabel {
+    /// `gossipsub` or `file`.
+    pub protocol: &'static str,
+}
+
 /// Label for dials, by why they were made.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DialLabel {
@@ -98,6 +105,8 @@ pub struct Metrics {
     pub peers_trimmed: Counter,
     /// Connections closed because the peer stopped answering pings.
     pub ping_failures: Counter,
+    /// Peers disconnected for not reading what the node sent, by protocol.
+    pub slow_peers_dropped: Family<ProtocolLabel, Counter>,
     /// Time from a broadcast's origin time to its delivery here.
     pub message_latency: Histogram,
     /// 1 when `/readyz` answers ready.
@@ -435,6 +444,7 @@ impl Metrics {
             connections_denied: Family::default(),
             peers_trimmed: Counter::default(),
             ping_failures: Counter::default(),
+            slow_peers_dropped: Family::default(),
             message_latency: Histogram::new([
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ]),
@@ -508,6 +518,11 @@ impl Metrics {
             "ping_failures",
             "Connections closed because the peer stopped answering pings",
             metrics.ping_failures.clone(),
+        );
+        r.register(
+            "slow_peers_dropped",
+            "Peers disconnected for not reading what the node sent, by protocol",
+            metrics.slow_peers_dropped.clone(),
         );
         r.register_with_unit(
             "message_latency",

@@ -28,7 +28,7 @@ pub struct RawGossipPeer {
     pub peer_id: PeerId,
     stream: Stream,
     // Holds the connection open for as long as the stream is used.
-    _peer: RawPeer,
+    peer: RawPeer,
 }
 
 impl RawGossipPeer {
@@ -40,8 +40,25 @@ impl RawGossipPeer {
         Ok(RawGossipPeer {
             peer_id: peer.peer_id,
             stream,
-            _peer: peer,
+            peer,
         })
+    }
+
+    /// Like [`RawGossipPeer::connect`], but the node's own gossipsub stream is
+    /// accepted and never read: a subscriber that stops reading.
+    pub async fn connect_unread(target: Multiaddr) -> Result<RawGossipPeer> {
+        let mut peer = RawPeer::connect_holding(target, &[], &[MESHSUB_1_1]).await?;
+        let stream = peer.open(MESHSUB_1_1).await?;
+        Ok(RawGossipPeer {
+            peer_id: peer.peer_id,
+            stream,
+            peer,
+        })
+    }
+
+    /// How many of the node's streams it holds unread.
+    pub fn held(&self) -> usize {
+        self.peer.held()
     }
 
     /// Writes one RPC (the protobuf bytes; the length prefix is added here).

@@ -28,6 +28,7 @@ pub struct RawPeer {
     pub node: PeerId,
     control: libp2p_stream::Control,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    held: std::sync::Arc<std::sync::Mutex<Vec<Stream>>>,
 }
 
 impl RawPeer {
@@ -38,6 +39,17 @@ impl RawPeer {
     /// one without gossipsub, and the node would never hand its RPCs to the code
     /// under test.
     pub async fn connect(target: Multiaddr, accept: &[StreamProtocol]) -> Result<RawPeer> {
+        RawPeer::connect_holding(target, accept, &[]).await
+    }
+
+    /// Like [`RawPeer::connect`], but streams the node opens on `hold` are accepted
+    /// and never read: a slow reader, whose unread bytes pile up at the node once the
+    /// stream's window is full.
+    pub async fn connect_holding(
+        target: Multiaddr,
+        accept: &[StreamProtocol],
+        hold: &[StreamProtocol],
+    ) -> Result<RawPeer> {
         let node = match target.iter().last() {
             Some(Protocol::P2p(peer)) => peer,
             _ => bail!("{target} does not end in /p2p/<PeerId>"),
@@ -76,6 +88,20 @@ impl RawPeer {
                 }
             }));
         }
+        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        for protocol in hold {
+            let mut incoming = control
+                .accept(protocol.clone())
+                .map_err(|e| anyhow!("accept {protocol}: {e}"))?;
+            let held = held.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some((_, stream)) = incoming.next().await {
+                    if let Ok(mut held) = held.lock() {
+                        held.push(stream);
+                    }
+                }
+            }));
+        }
         swarm.dial(target.clone())?;
         let connected = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
@@ -102,7 +128,13 @@ impl RawPeer {
             node,
             control,
             tasks,
+            held,
         })
+    }
+
+    /// How many of the node's streams are held unread (see [`RawPeer::connect_holding`]).
+    pub fn held(&self) -> usize {
+        self.held.lock().map_or(0, |h| h.len())
     }
 
     /// Opens a stream to the node on `protocol`.
