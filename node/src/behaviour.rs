@@ -69,8 +69,9 @@ pub struct Behaviour {
     pub ping: ping::Behaviour,
     /// Peer discovery on Servant's private DHT.
     pub kad: kad::Behaviour<ProviderStore>,
-    /// Broadcast: signed messages, content-hash ids, validation by the node, scoring.
-    pub gossipsub: Gossipsub,
+    /// Broadcast: signed messages, content-hash ids, validation by the node, scoring,
+    /// and a per-peer budget for control traffic.
+    pub gossipsub: crate::gossip_budget::Budgeted,
     /// Manifests and chunks, `/servant/file/1.0.0`.
     pub file: request_response::Behaviour<FileCodec>,
     /// Queries with a time-to-live and their hits, `/servant/search/1.0.0`.
@@ -145,7 +146,18 @@ impl Behaviour {
         // Offered only once the node is a super-peer (see `role`).
         relay.set_status(Some(relay::Status::Disable));
 
-        let gossipsub = build_gossipsub(key, registry, true)?;
+        let floods = prometheus_client::metrics::counter::Counter::default();
+        registry.sub_registry_with_prefix("servant").register(
+            "gossip_control_floods",
+            "Peers disconnected for sending more gossipsub control messages than their budget",
+            floods.clone(),
+        );
+        let gossipsub = crate::gossip_budget::Budgeted::new(
+            build_gossipsub(key, registry, true)?,
+            config.gossip_control_burst,
+            config.gossip_control_rate,
+            floods,
+        );
 
         Ok(Behaviour {
             deny: deny::Behaviour::new(deny_list),

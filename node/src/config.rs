@@ -97,6 +97,12 @@ pub struct Config {
     pub fetch_window_per_provider: u32,
     /// Search queries accepted from one peer per minute; more are dropped.
     pub search_rate_per_peer: u32,
+    /// Gossipsub control actions and subscriptions one peer may send at once; a peer
+    /// that overdraws its budget is disconnected (see `gossip_budget`).
+    pub gossip_control_burst: u32,
+    /// Gossipsub control actions and subscriptions one peer may send per second,
+    /// sustained.
+    pub gossip_control_rate: u32,
     /// How often this node re-announces itself as provider of what it has.
     pub reprovide_interval: HumanDuration,
     /// `auto` follows reachability (public: super-peer, private: peer); `super` and
@@ -149,6 +155,8 @@ impl Default for Config {
             serve_rate_per_peer: ByteSize(0),
             fetch_window_per_provider: 16,
             search_rate_per_peer: 60,
+            gossip_control_burst: 20_000,
+            gossip_control_rate: 2_000,
             reprovide_interval: HumanDuration(Duration::from_secs(3600)),
             role: crate::role::RoleSetting::Auto,
             relay_profile: RelayProfile::Signaling,
@@ -484,6 +492,14 @@ pub struct RunArgs {
     #[arg(long, env = "SERVANT_SEARCH_RATE_PER_PEER", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub search_rate_per_peer: Option<u32>,
+    /// Gossipsub control actions one peer may send at once [default: 20000].
+    #[arg(long, env = "SERVANT_GOSSIP_CONTROL_BURST", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gossip_control_burst: Option<u32>,
+    /// Gossipsub control actions one peer may send per second [default: 2000].
+    #[arg(long, env = "SERVANT_GOSSIP_CONTROL_RATE", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gossip_control_rate: Option<u32>,
     /// Provider re-announcement period [default: 1h].
     #[arg(long, env = "SERVANT_REPROVIDE_INTERVAL", value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -646,6 +662,8 @@ impl Config {
             ),
             ("fetch_window_per_provider", self.fetch_window_per_provider),
             ("search_rate_per_peer", self.search_rate_per_peer),
+            ("gossip_control_burst", self.gossip_control_burst),
+            ("gossip_control_rate", self.gossip_control_rate),
         ];
         for (key, value) in counts {
             if value == 0 {

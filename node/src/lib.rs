@@ -31,6 +31,7 @@ pub mod duplicates;
 pub mod event_loop;
 pub mod fetch;
 pub mod files;
+pub mod gossip_budget;
 pub mod http_server;
 pub mod identity;
 pub mod ip_limits;

@@ -14,6 +14,11 @@
 //! well over the 16 MiB allowed. Each test then checks that the flood was processed
 //! (a marker sent after it takes effect), that the node stays live, and that the two
 //! honest nodes still exchange broadcasts.
+//!
+//! Servant's own per-peer control budget (`node/src/gossip_budget.rs`) would cut these
+//! floods off at 20,000 actions, before gossipsub's handling of them could be seen, so
+//! the advisory tests run node a with the budget lifted; the last test floods a node
+//! with the default budget and checks that the flooder is disconnected.
 
 use std::time::{Duration, Instant};
 
@@ -47,8 +52,19 @@ struct Honest {
 }
 
 async fn honest_pair() -> Result<Honest> {
+    honest_pair_with(&[
+        "--gossip-control-burst".into(),
+        "4000000000".into(),
+        "--gossip-control-rate".into(),
+        "4000000000".into(),
+    ])
+    .await
+}
+
+/// Like [`honest_pair`], node a started with `args`.
+async fn honest_pair_with(args: &[String]) -> Result<Honest> {
     let mut net = Net::new();
-    let a = net.spawn("a", &[]).await?;
+    let a = net.spawn("a", args).await?;
     let boot = net[a].addr().to_string();
     let b = net.spawn("b", &["--bootnode".into(), boot]).await?;
     let sub_a = net[a].subscribe(TOPIC).await?;
@@ -337,6 +353,60 @@ async fn subscribe_flood_is_capped_per_peer() -> Result<()> {
          by the log limit",
         growth / 1048576.0
     );
+    honest_still_served(&mut h).await?;
+    h.net.pass();
+    Ok(())
+}
+
+/// With the default budget, the GRAFT flood above gets the flooder disconnected once
+/// it has sent 20,000 control actions, and counted; nothing of the flood after that is
+/// handled, and the honest nodes carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_flood_gets_the_flooder_disconnected() -> Result<()> {
+    let mut h = honest_pair_with(&[]).await?;
+    let (a, net) = (h.a, &h.net);
+    let mut hostile = RawGossipPeer::connect(net[a].addr()).await?;
+    let hostile_id = hostile.peer_id.to_string();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = resident(net, a).await?;
+
+    let topics = random_topics(FLOOD);
+    let rpcs = rpc::pack(topics.iter().map(|t| rpc::graft(t)));
+    let started = Instant::now();
+    // The node closes the connection partway: the writes after that fail.
+    let sent = hostile.send_all(&rpcs).await;
+    println!(
+        "sent {FLOOD} GRAFTs in {} RPCs: {} after {:?}",
+        rpcs.len(),
+        match &sent {
+            Ok(()) => "all written".to_string(),
+            Err(e) => format!("cut off ({e:#})"),
+        },
+        started.elapsed()
+    );
+    eventually(
+        Duration::from_secs(10),
+        "node a to disconnect the flooder",
+        || {
+            let hostile_id = hostile_id.clone();
+            async move {
+                let peers = net[a].peers().await?;
+                Ok((!peers.iter().any(|p| p.peer_id == hostile_id)).then_some(()))
+            }
+        },
+    )
+    .await?;
+    println!(
+        "checked: node a disconnected the flooder {:?} after the flood began",
+        started.elapsed()
+    );
+    let floods = net[a].metric("servant_gossip_control_floods_total").await?;
+    ensure!(
+        floods >= 1.0,
+        "servant_gossip_control_floods_total is {floods}"
+    );
+    println!("checked: servant_gossip_control_floods_total {floods}");
+    memory_growth_bounded(net, a, before, "GRAFT").await?;
     honest_still_served(&mut h).await?;
     h.net.pass();
     Ok(())
