@@ -876,6 +876,7 @@ impl EventLoop {
                     .store_mut()
                     .add_provider(record)
                 {
+                    self.metrics.kad_provider_records_refused.inc();
                     tracing::debug!(error = ?e, "provider record not stored");
                 }
                 return;

@@ -107,6 +107,8 @@ pub struct Metrics {
     pub ping_failures: Counter,
     /// Peers disconnected for not reading what the node sent, by protocol.
     pub slow_peers_dropped: Family<ProtocolLabel, Counter>,
+    /// Provider records pushed by peers that the store refused (over its caps).
+    pub kad_provider_records_refused: Counter,
     /// Time from a broadcast's origin time to its delivery here.
     pub message_latency: Histogram,
     /// 1 when `/readyz` answers ready.
@@ -445,6 +447,7 @@ impl Metrics {
             peers_trimmed: Counter::default(),
             ping_failures: Counter::default(),
             slow_peers_dropped: Family::default(),
+            kad_provider_records_refused: Counter::default(),
             message_latency: Histogram::new([
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ]),
@@ -518,6 +521,11 @@ impl Metrics {
             "ping_failures",
             "Connections closed because the peer stopped answering pings",
             metrics.ping_failures.clone(),
+        );
+        r.register(
+            "kad_provider_records_refused",
+            "Provider records pushed by peers that the store refused (over its caps)",
+            metrics.kad_provider_records_refused.clone(),
         );
         r.register(
             "slow_peers_dropped",

@@ -12,6 +12,7 @@ pub mod fuzz;
 pub mod gossip_peer;
 pub mod gossip_raw;
 pub mod hostile;
+pub mod kad_raw;
 pub mod natlab;
 pub mod raw_peer;
 
