@@ -131,6 +131,67 @@ pub async fn tcp_from(src: IpAddr, dst: SocketAddr) -> io::Result<tokio::net::Tc
     socket.connect(dst).await
 }
 
+/// A dial-only TCP transport whose connections leave from one local address, for
+/// rust-libp2p peers that stand for hosts of their own (libp2p's TCP transport binds
+/// outgoing sockets to the unspecified address, so on loopback every peer would come
+/// from 127.0.0.1). Upgrade it with noise and yamux like libp2p's own.
+pub struct BoundTcp {
+    /// The local address every connection leaves from.
+    pub src: IpAddr,
+}
+
+impl libp2p::core::Transport for BoundTcp {
+    type Output = libp2p::tcp::tokio::TcpStream;
+    type Error = io::Error;
+    type ListenerUpgrade = std::future::Pending<Result<Self::Output, Self::Error>>;
+    type Dial = futures::future::BoxFuture<'static, Result<Self::Output, Self::Error>>;
+
+    fn listen_on(
+        &mut self,
+        _: libp2p::core::transport::ListenerId,
+        addr: libp2p::Multiaddr,
+    ) -> Result<(), libp2p::core::transport::TransportError<Self::Error>> {
+        Err(libp2p::core::transport::TransportError::MultiaddrNotSupported(addr))
+    }
+
+    fn remove_listener(&mut self, _: libp2p::core::transport::ListenerId) -> bool {
+        false
+    }
+
+    fn dial(
+        &mut self,
+        addr: libp2p::Multiaddr,
+        _: libp2p::core::transport::DialOpts,
+    ) -> Result<Self::Dial, libp2p::core::transport::TransportError<Self::Error>> {
+        use libp2p::multiaddr::Protocol;
+        let mut parts = addr.iter();
+        let dst = match (parts.next(), parts.next()) {
+            (Some(Protocol::Ip4(ip)), Some(Protocol::Tcp(port))) => {
+                SocketAddr::new(IpAddr::V4(ip), port)
+            }
+            (Some(Protocol::Ip6(ip)), Some(Protocol::Tcp(port))) => {
+                SocketAddr::new(IpAddr::V6(ip), port)
+            }
+            _ => return Err(libp2p::core::transport::TransportError::MultiaddrNotSupported(addr)),
+        };
+        if parts.any(|p| matches!(p, Protocol::P2pCircuit)) {
+            return Err(libp2p::core::transport::TransportError::MultiaddrNotSupported(addr));
+        }
+        let src = self.src;
+        Ok(Box::pin(async move {
+            tcp_from(src, dst).await.map(libp2p::tcp::tokio::TcpStream)
+        }))
+    }
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<libp2p::core::transport::TransportEvent<Self::ListenerUpgrade, Self::Error>>
+    {
+        std::task::Poll::Pending
+    }
+}
+
 /// multistream-select's header and the noise protocol, each a varint length (one
 /// byte here) and the line; the node answers with the same bytes.
 const SELECT_NOISE: &[u8] = b"\x13/multistream/1.0.0\n\x07/noise\n";

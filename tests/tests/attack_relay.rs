@@ -1,0 +1,355 @@
+//! Relay abuse: 300 identities from three source addresses ask a super-peer for
+//! reservations, then open circuits through it and pump data. Reservations and
+//! circuits stay within the relay's limits (libp2p-relay's defaults, the `signaling`
+//! profile: 128 reservations, 4 per peer, 60 per minute per IP, 16 circuits of 2 min
+//! and 128 KiB each) and a circuit is cut at its byte limit.
+//!
+//! The abusers are real rust-libp2p peers with the relay client, each in a task of
+//! its own, dialing from one of three source addresses (127.0.0.2-4) through
+//! `hostile::BoundTcp`.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, ensure, Result};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::{
+    multiaddr::Protocol, noise, relay, swarm::NetworkBehaviour, swarm::SwarmEvent, yamux,
+    Multiaddr, PeerId, StreamProtocol,
+};
+use servant_tests::{eventually, hostile, Net};
+use tokio::sync::{mpsc, oneshot};
+
+/// Identities asking for reservations.
+const ABUSERS: usize = 300;
+/// Source addresses they come from.
+const SOURCES: [&str; 3] = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
+/// The relay's limits under the default profile (libp2p-relay's defaults).
+const MAX_RESERVATIONS: f64 = 128.0;
+const MAX_RESERVATIONS_PER_IP_PER_MINUTE: f64 = 60.0;
+const MAX_CIRCUITS: f64 = 16.0;
+const CIRCUIT_BYTES: u64 = 128 * 1024;
+/// Circuits asked for at once: well over the relay's 16.
+const CIRCUITS_ASKED: usize = 40;
+/// The protocol the abusers pump data on through their circuits.
+const PUMP: StreamProtocol = StreamProtocol::new("/attack/pump/1.0.0");
+
+#[derive(NetworkBehaviour)]
+struct Abuser {
+    relay: relay::client::Behaviour,
+    stream: libp2p_stream::Behaviour,
+}
+
+/// What the test asks an abuser's task to do.
+enum Command {
+    /// Dial a peer through the relay and report when connected.
+    Dial(Multiaddr, PeerId, oneshot::Sender<Result<()>>),
+}
+
+/// One abuser: its PeerId, whether its reservation was accepted, a handle to open
+/// streams, and its command channel.
+struct Handle {
+    peer_id: PeerId,
+    reserved: bool,
+    control: libp2p_stream::Control,
+    commands: mpsc::Sender<Command>,
+    received: Arc<AtomicU64>,
+}
+
+/// Starts an abuser from `src` that connects to the relay and asks for a reservation;
+/// returns once the relay answered (or 15 s passed).
+async fn abuser(src: &str, relay_id: PeerId, relay_tcp: Multiaddr) -> Result<Handle> {
+    let src_ip: std::net::IpAddr = src.parse()?;
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_other_transport(|key| {
+            use libp2p::core::{upgrade::Version, Transport};
+            Ok(hostile::BoundTcp { src: src_ip }
+                .upgrade(Version::V1)
+                .authenticate(noise::Config::new(key)?)
+                .multiplex(yamux::Config::default()))
+        })
+        .map_err(|e| anyhow!("{e}"))?
+        .with_relay_client(noise::Config::new, yamux::Config::default)?
+        .with_behaviour(|_, relay| Abuser {
+            relay,
+            stream: libp2p_stream::Behaviour::new(),
+        })
+        .map_err(|e| anyhow!("{e}"))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    let peer_id = *swarm.local_peer_id();
+    let mut control = swarm.behaviour().stream.new_control();
+    let received = Arc::new(AtomicU64::new(0));
+    let mut incoming = control.accept(PUMP).map_err(|e| anyhow!("accept: {e}"))?;
+    let counter = received.clone();
+    tokio::spawn(async move {
+        while let Some((_, mut stream)) = incoming.next().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let circuit = relay_tcp
+        .clone()
+        .with(Protocol::P2p(relay_id))
+        .with(Protocol::P2pCircuit);
+    swarm.dial(relay_tcp.with(Protocol::P2p(relay_id)))?;
+    let connected = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == relay_id => {
+                    return Ok(())
+                }
+                SwarmEvent::OutgoingConnectionError { error, .. } => {
+                    return Err(anyhow!("dial the relay: {error}"))
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    connected.map_err(|_| anyhow!("no connection to the relay within 10 s"))??;
+    swarm.listen_on(circuit)?;
+    let reserved = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(AbuserEvent::Relay(
+                    relay::client::Event::ReservationReqAccepted { .. },
+                )) => return true,
+                // Refused (ResourceLimitExceeded), or the connection failed.
+                SwarmEvent::ListenerClosed { .. }
+                | SwarmEvent::ListenerError { .. }
+                | SwarmEvent::OutgoingConnectionError { .. } => return false,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    let (commands, mut rx) = mpsc::channel::<Command>(4);
+    tokio::spawn(async move {
+        let mut waiting: Vec<(PeerId, oneshot::Sender<Result<()>>)> = Vec::new();
+        loop {
+            tokio::select! {
+                event = swarm.select_next_some() => match event {
+                    SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                        let (done, rest): (Vec<_>, Vec<_>) =
+                            waiting.drain(..).partition(|(p, _)| *p == peer_id);
+                        waiting = rest;
+                        for (_, reply) in done {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                    SwarmEvent::OutgoingConnectionError { peer_id: Some(peer_id), error, .. } => {
+                        let (done, rest): (Vec<_>, Vec<_>) =
+                            waiting.drain(..).partition(|(p, _)| *p == peer_id);
+                        waiting = rest;
+                        for (_, reply) in done {
+                            let _ = reply.send(Err(anyhow!("{error}")));
+                        }
+                    }
+                    _ => {}
+                },
+                command = rx.recv() => match command {
+                    Some(Command::Dial(addr, peer, reply)) => match swarm.dial(addr) {
+                        Ok(()) => waiting.push((peer, reply)),
+                        Err(e) => { let _ = reply.send(Err(anyhow!("{e}"))); }
+                    },
+                    None => return,
+                },
+            }
+        }
+    });
+    Ok(Handle {
+        peer_id,
+        reserved,
+        control,
+        commands,
+        received,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_and_circuits_stay_within_the_relay_limits() -> Result<()> {
+    hostile::raise_fd_limit();
+    let mut net = Net::new();
+    let r = net.add(
+        "relay",
+        &[
+            "--role".into(),
+            "super".into(),
+            "--conn-high".into(),
+            "256".into(),
+            "--max-connections".into(),
+            "512".into(),
+        ],
+    );
+    // A relay hands out reservations only with an address to put in them: on
+    // loopback nobody can confirm one, so it is announced.
+    let announce = format!("/ip4/127.0.0.1/tcp/{}", net[r].p2p_port);
+    net[r].args.extend(["--announce".into(), announce]);
+    net[r].start().await?;
+    let relay_id = net[r].id();
+    let relay_tcp: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", net[r].p2p_port).parse()?;
+
+    let started = Instant::now();
+    let mut abusers = Vec::with_capacity(ABUSERS);
+    let mut peak_reservations = 0.0f64;
+    for i in 0..ABUSERS {
+        let src = SOURCES[i % SOURCES.len()];
+        abusers.push(abuser(src, relay_id, relay_tcp.clone()).await?);
+        if i % 25 == 24 {
+            let served = net[r].metric("servant_relay_reservations_served").await?;
+            peak_reservations = peak_reservations.max(served);
+        }
+    }
+    let accepted = abusers.iter().filter(|a| a.reserved).count();
+    let served = net[r].metric("servant_relay_reservations_served").await?;
+    peak_reservations = peak_reservations.max(served);
+    let denied = net[r]
+        .metric("servant_relay_denied_total{reason=\"reservation\"}")
+        .await?;
+    println!(
+        "{ABUSERS} identities from {} addresses asked for reservations in {:.1} s: {accepted} \
+         accepted, {denied} refused by the relay; reservations held peaked at {peak_reservations}",
+        SOURCES.len(),
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(
+        peak_reservations <= MAX_RESERVATIONS && accepted as f64 <= MAX_RESERVATIONS,
+        "{accepted} reservations accepted, {peak_reservations} held (at most {MAX_RESERVATIONS})"
+    );
+    ensure!(
+        accepted >= 2,
+        "only {accepted} reservations: nothing to test circuits with"
+    );
+    for (k, src) in SOURCES.iter().enumerate() {
+        let from_src = (0..abusers.len())
+            .filter(|i| i % SOURCES.len() == k && abusers[*i].reserved)
+            .count();
+        ensure!(
+            from_src as f64 <= MAX_RESERVATIONS_PER_IP_PER_MINUTE,
+            "{from_src} reservations accepted from {src} within a minute (at most \
+             {MAX_RESERVATIONS_PER_IP_PER_MINUTE})"
+        );
+        println!(
+            "checked: {from_src} reservations accepted from {src} (at most \
+             {MAX_RESERVATIONS_PER_IP_PER_MINUTE} a minute)"
+        );
+    }
+    println!(
+        "checked: at most {MAX_RESERVATIONS} reservations held ({peak_reservations}), \
+         {accepted} of {ABUSERS} accepted"
+    );
+
+    // Circuits: reserved abusers dial each other through the relay, all at once.
+    let reserved: Vec<usize> = (0..abusers.len())
+        .filter(|i| abusers[*i].reserved)
+        .collect();
+    let pairs: Vec<(usize, usize)> = reserved
+        .chunks(2)
+        .filter(|c| c.len() == 2)
+        .map(|c| (c[0], c[1]))
+        .take(CIRCUITS_ASKED)
+        .collect();
+    let mut replies = Vec::new();
+    for (from, to) in &pairs {
+        let target = abusers[*to].peer_id;
+        let addr = relay_tcp
+            .clone()
+            .with(Protocol::P2p(relay_id))
+            .with(Protocol::P2pCircuit)
+            .with(Protocol::P2p(target));
+        let (tx, rx) = oneshot::channel();
+        abusers[*from]
+            .commands
+            .send(Command::Dial(addr, target, tx))
+            .await
+            .map_err(|_| anyhow!("abuser task gone"))?;
+        replies.push(rx);
+    }
+    let mut opened = Vec::new();
+    for (reply, pair) in replies.into_iter().zip(pairs.iter()) {
+        if let Ok(Ok(Ok(()))) = tokio::time::timeout(Duration::from_secs(15), reply).await {
+            opened.push(*pair);
+        }
+    }
+    let circuits = net[r].metric("servant_relay_circuits_served").await?;
+    let circuits_denied = net[r]
+        .metric("servant_relay_denied_total{reason=\"circuit\"}")
+        .await?;
+    println!(
+        "{} circuits asked for at once: {} connected, the relay carries {circuits}, refused \
+         {circuits_denied}",
+        pairs.len(),
+        opened.len()
+    );
+    ensure!(
+        circuits <= MAX_CIRCUITS && opened.len() as f64 <= MAX_CIRCUITS,
+        "{} circuits connected, {circuits} carried (at most {MAX_CIRCUITS})",
+        opened.len()
+    );
+    println!(
+        "checked: at most {MAX_CIRCUITS} circuits at once ({} connected)",
+        opened.len()
+    );
+
+    // Pump 1 MiB through one circuit: the relay cuts it at its byte limit.
+    let (from, to) = *opened
+        .first()
+        .ok_or_else(|| anyhow!("no circuit was connected"))?;
+    let target = abusers[to].peer_id;
+    let mut control = abusers[from].control.clone();
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(10), control.open_stream(target, PUMP))
+            .await
+            .map_err(|_| anyhow!("no pump stream within 10 s"))?
+            .map_err(|e| anyhow!("open pump stream: {e}"))?;
+    let chunk = vec![7u8; 16 * 1024];
+    let mut written = 0u64;
+    let pump_started = Instant::now();
+    while written < 1024 * 1024 && pump_started.elapsed() < Duration::from_secs(20) {
+        match tokio::time::timeout(Duration::from_secs(5), stream.write_all(&chunk)).await {
+            Ok(Ok(())) => written += chunk.len() as u64,
+            _ => break,
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.flush()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = abusers[to].received.load(Ordering::Relaxed);
+    println!(
+        "pumped through one circuit: {written} bytes written, {got} received at the other end"
+    );
+    ensure!(
+        got <= CIRCUIT_BYTES + 16 * 1024,
+        "{got} bytes crossed a circuit limited to {CIRCUIT_BYTES}"
+    );
+    ensure!(
+        got > 0,
+        "nothing crossed the circuit: the test pumped nothing"
+    );
+    println!("checked: the circuit was cut at its limit ({got} of at most {CIRCUIT_BYTES} bytes)");
+
+    let r2 = &net;
+    eventually(
+        Duration::from_secs(10),
+        "the relay to be live",
+        || async move { Ok(r2[r].livez().await.then_some(())) },
+    )
+    .await?;
+    println!("checked: the relay is live");
+    Ok(())
+}
