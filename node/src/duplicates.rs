@@ -9,13 +9,19 @@
 //! traffic wakes it, and messages queued meanwhile expire unsent (libp2p-gossipsub
 //! 0.50, `publish_queue_duration`).
 //!
+//! Age only counts among connections known to work: the event loop judges a peer's
+//! connections once each has answered a ping since the newest appeared. Otherwise an
+//! old connection to a peer that restarted, dead but not yet found so (a QUIC one
+//! above all: nothing like a TCP reset ends it), would win over the live new one.
+//!
 //! So the oldest connection is kept when it clearly came first: an AutoNAT dial-back
 //! or a DHT lookup's dial arrives seconds after the connection the peers talk over,
 //! and both ends see that order. Connections established within [`SIMULTANEOUS`] of
 //! the oldest (two nodes dialing each other at once) may be seen in a different order
 //! at each end, so among those the rule is one both ends compute alike: keep the
-//! connection dialed by the smaller PeerId. When that closes the older one, the kept
-//! connection is nudged (see [`crate::keep_alive`]) so its handlers run.
+//! connection dialed by the smaller PeerId. Whenever a peer loses a connection and
+//! keeps another, whichever end closed it, the event loop nudges the ones left (see
+//! [`crate::keep_alive`]) so their handlers look at their queues.
 
 use std::time::{Duration, Instant};
 
@@ -43,9 +49,6 @@ pub struct Decision {
     pub keep: Vec<ConnectionId>,
     /// Connections this end closes.
     pub close: Vec<ConnectionId>,
-    /// Whether a kept connection is younger than one closed: its handlers may be
-    /// waiting for a wake-up that went to the closed one.
-    pub kept_a_younger_one: bool,
 }
 
 /// Decides which of `direct` to keep. `we_are_smaller`: our PeerId sorts below the
@@ -87,13 +90,9 @@ pub fn decide(direct: &[Direct], we_are_smaller: bool) -> Decision {
         .copied()
         .filter(|c| !keep_ids.contains(&c.id))
         .collect();
-    let kept_a_younger_one = close
-        .iter()
-        .any(|closed| keep.iter().any(|kept| kept.since > closed.since));
     Decision {
         keep: keep_ids,
         close: close.iter().map(|c| c.id).collect(),
-        kept_a_younger_one,
     }
 }
 
@@ -123,7 +122,6 @@ mod tests {
         for smaller in [true, false] {
             let a = decide(&at_a, smaller);
             assert_eq!((a.keep, a.close), (ids(&[1]), ids(&[7])));
-            assert!(!a.kept_a_younger_one);
             let b = decide(&at_b, !smaller);
             assert_eq!((b.keep, b.close), (ids(&[3]), ids(&[9])));
         }
@@ -137,10 +135,8 @@ mod tests {
         let at_b = [conn(5, false, t, 0), conn(6, true, t, 30)];
         let a = decide(&at_a, true);
         assert_eq!((a.keep, a.close), (ids(&[1]), ids(&[2])));
-        assert!(a.kept_a_younger_one, "a closed the older one: nudge");
         let b = decide(&at_b, false);
         assert_eq!((b.keep, b.close), (ids(&[5]), ids(&[6])));
-        assert!(!b.kept_a_younger_one);
     }
 
     #[test]

@@ -88,6 +88,8 @@ struct ConnInfo {
     /// Dialed on purpose (peer manager, bootnode, API), not by a DHT lookup.
     chosen: bool,
     since: Instant,
+    /// When a ping last came back on this connection.
+    alive: Option<Instant>,
 }
 
 struct PeerState {
@@ -539,6 +541,7 @@ impl EventLoop {
                 outbound,
                 chosen,
                 since: now,
+                alive: None,
             },
         );
         self.traversal.on_established(peer, &addr, num_established);
@@ -581,6 +584,19 @@ impl EventLoop {
             .and_then(|state| state.connections.remove(&connection_id))
             .is_some_and(|c| c.chosen);
         self.traversal.on_closed(peer, num_established);
+        if num_established > 0 {
+            // Whichever end closed it, the connections left may have protocol handlers
+            // that only wake for queued work once they have a stream of their own
+            // (gossipsub's): they are woken from now on (see `crate::duplicates`).
+            let left: Vec<ConnectionId> = self
+                .peers
+                .get(&peer)
+                .map(|s| s.connections.keys().copied().collect())
+                .unwrap_or_default();
+            for id in left {
+                self.swarm.behaviour_mut().keep_alive.nudge(peer, id);
+            }
+        }
         if num_established == 0 {
             self.peers.remove(&peer);
             self.slow_gossip.forget(&peer);
@@ -645,11 +661,6 @@ impl EventLoop {
             closed_a_chosen_one |= chosen.contains(id);
         }
         for id in decision.keep {
-            // The one kept may be younger than one closed; its handlers may sleep
-            // through what was queued for the closed one, so it is woken from now on.
-            if decision.kept_a_younger_one {
-                self.swarm.behaviour_mut().keep_alive.nudge(peer, id);
-            }
             // The connection we chose is gone; the one kept inherits its standing, so
             // a DHT lookup's connection that happened to win is held open too.
             if closed_a_chosen_one {
@@ -839,6 +850,9 @@ impl EventLoop {
             Ok(rtt) => {
                 if let Some(state) = self.peers.get_mut(&event.peer) {
                     state.rtt = Some(rtt);
+                    if let Some(c) = state.connections.get_mut(&event.connection) {
+                        c.alive = Some(Instant::now());
+                    }
                 }
                 self.traversal.on_rtt(event.peer, rtt);
             }
@@ -1045,11 +1059,16 @@ impl EventLoop {
             .peers
             .iter()
             .filter(|(_, state)| {
+                // Every connection must have answered a ping since the newest one
+                // appeared: an old connection to a peer that restarted (a QUIC one
+                // above all, which no RST ends) looks older and better than the new
+                // one until ping finds it dead, and must not win.
+                let newest = state.connections.values().map(|c| c.since).max();
                 state.connections.len() > 1
-                    && state
-                        .connections
-                        .values()
-                        .all(|c| now.duration_since(c.since) >= DUPLICATE_GRACE)
+                    && state.connections.values().all(|c| {
+                        now.duration_since(c.since) >= DUPLICATE_GRACE
+                            && c.alive.is_some_and(|t| Some(t) >= newest)
+                    })
             })
             .map(|(peer, _)| *peer)
             .collect();

@@ -15,9 +15,10 @@
 //! lookups would leave it connected to most of the network.
 //!
 //! The handler also wakes a connection on a timer when told to ([`Behaviour::nudge`]):
-//! a connection kept in place of an older duplicate can have protocol handlers that
-//! only wake for work once they have a stream (gossipsub's), and the timer makes them
-//! look at their queues until they have one. See [`crate::duplicates`].
+//! a connection left after another to the same peer closed can have protocol handlers
+//! that only wake for work once they have a stream (gossipsub's), and the timer makes
+//! them look at their queues. It costs a poll of the connection's handlers five times
+//! a second, on those connections only. See [`crate::duplicates`].
 
 use std::{
     collections::{HashSet, VecDeque},
