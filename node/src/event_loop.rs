@@ -697,14 +697,13 @@ impl EventLoop {
         if let DialError::Denied { cause } = &error {
             self.count_denied(cause);
         }
-        if let Some((_, source)) = source {
-            self.metrics
-                .dial_failures
-                .get_or_create(&DialLabel {
-                    purpose: source.label(),
-                })
-                .inc();
-        }
+        // Dials of our own are labelled by purpose; the rest were made by a protocol
+        // (a request to a peer not connected, a Kademlia query).
+        let purpose = source.map_or("protocol", |(_, s)| s.label());
+        self.metrics
+            .dial_failures
+            .get_or_create(&DialLabel { purpose })
+            .inc();
         let Some(peer) = peer.or(source.and_then(|(p, _)| p)) else {
             return;
         };

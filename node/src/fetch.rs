@@ -48,7 +48,8 @@ const MANIFEST_GRACE: Duration = Duration::from_secs(2);
 /// finds it again).
 const MAX_FAILURES: u32 = 3;
 /// Failed requests to one provider within this long of each other count as one
-/// failure (they are the same lost connection).
+/// failure (they are the same lost connection), and a provider that failed is not
+/// asked again within it.
 const FAILURE_BURST: Duration = Duration::from_secs(1);
 /// Wait before asking a busy provider again.
 const BUSY_BACKOFF: Duration = Duration::from_millis(250);
@@ -661,6 +662,9 @@ impl Fetch {
                                         p.window = (p.window / 2).max(1);
                                         p.last_failure = Some(now);
                                     }
+                                    // Not asked again within the burst: a provider that
+                                    // is gone fails at once, and every retry is a dial.
+                                    p.retry_after = Some(now + FAILURE_BURST);
                                     p.failures >= MAX_FAILURES
                                 }
                                 None => false,

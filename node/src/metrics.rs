@@ -65,7 +65,8 @@ pub struct ProtocolLabel {
 /// Label for dials, by why they were made.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DialLabel {
-    /// `bootnode`, `known`, `discovered` or `api`.
+    /// `bootnode`, `known`, `discovered` or `api`; failures also `protocol` (dials
+    /// libp2p's behaviours made themselves).
     pub purpose: &'static str,
 }
 
