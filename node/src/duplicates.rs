@@ -10,7 +10,9 @@
 //! 0.50, `publish_queue_duration`).
 //!
 //! Age only counts among connections known to work: the event loop judges a peer's
-//! connections once each has answered a ping since the newest appeared. Otherwise an
+//! direct connections once each has answered a ping since the newest appeared (relayed
+//! ones are closed as soon as a direct one exists, without waiting: DCUtR keeps
+//! punching while a relayed connection stays, and each punch adds a newer one). Otherwise an
 //! old connection to a peer that restarted, dead but not yet found so (a QUIC one
 //! above all: nothing like a TCP reset ends it), would win over the live new one.
 //!

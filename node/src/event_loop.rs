@@ -633,6 +633,14 @@ impl EventLoop {
         if direct.is_empty() {
             return;
         }
+        // Direct connections are judged once each has answered a ping since the newest
+        // appeared: an old connection to a peer that restarted (a QUIC one above all,
+        // which no RST ends) looks older and better than the new one until ping finds
+        // it dead, and must not win. Relayed ones go as soon as any direct one exists.
+        let newest = direct.iter().map(|(_, c)| c.since).max();
+        let direct_alive = direct
+            .iter()
+            .all(|(_, c)| c.alive.is_some_and(|t| Some(t) >= newest));
         let chosen: std::collections::HashSet<ConnectionId> = state
             .connections
             .iter()
@@ -648,7 +656,14 @@ impl EventLoop {
                 since: c.since,
             })
             .collect();
-        let decision = crate::duplicates::decide(&direct, self.local < peer);
+        let decision = if direct_alive {
+            crate::duplicates::decide(&direct, self.local < peer)
+        } else {
+            crate::duplicates::Decision {
+                keep: direct.iter().map(|c| c.id).collect(),
+                close: Vec::new(),
+            }
+        };
         let mut closed_a_chosen_one = false;
         for id in relayed {
             tracing::debug!(%peer, connection = ?id, "closing a relayed connection: a direct one exists");
@@ -1058,16 +1073,11 @@ impl EventLoop {
             .peers
             .iter()
             .filter(|(_, state)| {
-                // Every connection must have answered a ping since the newest one
-                // appeared: an old connection to a peer that restarted (a QUIC one
-                // above all, which no RST ends) looks older and better than the new
-                // one until ping finds it dead, and must not win.
-                let newest = state.connections.values().map(|c| c.since).max();
                 state.connections.len() > 1
-                    && state.connections.values().all(|c| {
-                        now.duration_since(c.since) >= DUPLICATE_GRACE
-                            && c.alive.is_some_and(|t| Some(t) >= newest)
-                    })
+                    && state
+                        .connections
+                        .values()
+                        .all(|c| now.duration_since(c.since) >= DUPLICATE_GRACE)
             })
             .map(|(peer, _)| *peer)
             .collect();
