@@ -670,6 +670,22 @@ impl Config {
                 return Err(ConfigError::invalid(key, value, "must be at least 1"));
             }
         }
+        // Below these an honest peer's subscriptions and heartbeat traffic alone
+        // would overdraw the budget and get it disconnected over and over.
+        if self.gossip_control_burst < 1_000 {
+            return Err(ConfigError::invalid(
+                "gossip_control_burst",
+                self.gossip_control_burst,
+                "must be at least 1000: an honest peer joining many topics sends hundreds at once",
+            ));
+        }
+        if self.gossip_control_rate < 10 {
+            return Err(ConfigError::invalid(
+                "gossip_control_rate",
+                self.gossip_control_rate,
+                "must be at least 10 per second: heartbeats alone send several",
+            ));
+        }
         if self.conn_low > self.conn_high {
             return Err(ConfigError::invalid(
                 "conn_low",

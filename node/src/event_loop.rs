@@ -656,8 +656,13 @@ impl EventLoop {
                 since: c.since,
             })
             .collect();
-        let decision = if direct_alive {
-            crate::duplicates::decide(&direct, self.local < peer)
+        // Only the smaller PeerId closes direct duplicates: two ends timing the same
+        // connections on their own clocks could each see a different one as first
+        // (near the `SIMULTANEOUS` boundary) and close both. The larger end keeps
+        // what it has; its extras are bounded by `max_connections_per_peer`.
+        let we_decide = self.local < peer;
+        let decision = if direct_alive && we_decide {
+            crate::duplicates::decide(&direct, we_decide)
         } else {
             crate::duplicates::Decision {
                 keep: direct.iter().map(|c| c.id).collect(),
@@ -1037,11 +1042,13 @@ impl EventLoop {
             .into_iter()
             .map(|peer| (peer, "file", 0));
         let slow: Vec<(PeerId, &'static str, usize)> = gossip.chain(file).collect();
+        let mut dropped = std::collections::HashSet::new();
         for (peer, protocol, failed) in slow {
             if protocol == "file" {
                 self.files.forget_responses(&peer);
             }
-            if !self.swarm.is_connected(&peer) {
+            // Slow on both protocols in one tick: dropped, and counted, once.
+            if !self.swarm.is_connected(&peer) || !dropped.insert(peer) {
                 continue;
             }
             tracing::warn!(%peer, protocol, failed, "disconnecting a peer that does not read what it is sent");
@@ -1585,9 +1592,6 @@ fn usefulness(
     score
 }
 
-/// The address a connection is known by, and whether we dialed it. A relayed
-/// inbound connection's send-back address is only the remote's `/p2p/` id; its
-/// local address, the circuit it arrived through, says what it is.
 /// What a failed handshake most likely means for a private network, which libp2p's
 /// errors cannot say: a node without the pre-shared key reads the other side's
 /// encrypted bytes as garbage, and each side sees only "handshake failed".
@@ -1602,6 +1606,9 @@ fn handshake_hint(error: &str, private_network: bool) -> Option<&'static str> {
     })
 }
 
+/// The address a connection is known by, and whether we dialed it. A relayed
+/// inbound connection's send-back address is only the remote's `/p2p/` id; its
+/// local address, the circuit it arrived through, says what it is.
 fn endpoint_addr(endpoint: &ConnectedPoint) -> (Multiaddr, bool) {
     match endpoint {
         ConnectedPoint::Dialer { address, .. } => (address.clone(), true),

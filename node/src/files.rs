@@ -75,6 +75,10 @@ struct PeerServe {
     in_flight: u32,
     /// Virtual time at which the peer's rate allows the next byte.
     next_free: Option<Instant>,
+    /// When the peer must have read everything handed to it so far: responses share
+    /// the peer's link, so each one's deadline follows the one before (see
+    /// [`crate::slow_peers::response_deadline`]).
+    read_by: Option<Instant>,
 }
 
 struct Penalty {
@@ -220,8 +224,13 @@ impl Files {
     /// Forgets the responses pending to `peer`, which is being disconnected for not
     /// reading them.
     pub fn forget_responses(&mut self, peer: &PeerId) {
+        let before = self.responding.len();
         self.responding.retain(|_, (p, _)| p != peer);
-        self.serving.remove(peer);
+        let forgotten = (before - self.responding.len()) as u32;
+        if let Some(state) = self.serving.get_mut(peer) {
+            state.in_flight = state.in_flight.saturating_sub(forgotten);
+            state.read_by = None;
+        }
     }
 
     /// A response of ours is written (or failed): the peer may have another.
@@ -346,7 +355,10 @@ impl Files {
             .file
             .send_response(served.channel, served.response);
         if sent.is_ok() {
-            let deadline = crate::slow_peers::response_deadline(bytes, Instant::now());
+            let state = self.serving.entry(served.peer).or_default();
+            let deadline =
+                crate::slow_peers::response_deadline(bytes, Instant::now(), state.read_by);
+            state.read_by = Some(deadline);
             self.responding
                 .insert(served.request_id, (served.peer, deadline));
         } else if let Some(state) = self.serving.get_mut(&served.peer) {

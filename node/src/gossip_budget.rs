@@ -34,6 +34,18 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::behaviour::Gossipsub;
 
+/// Why a connection was refused: the peer is being disconnected for a control flood.
+#[derive(Debug)]
+pub struct FloodingPeer;
+
+impl std::fmt::Display for FloodingPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("peer is being disconnected for flooding gossipsub control messages")
+    }
+}
+
+impl std::error::Error for FloodingPeer {}
+
 /// What gossipsub's connection handler reports to its behaviour.
 type HandlerEvent = THandlerOutEvent<Gossipsub>;
 
@@ -69,6 +81,15 @@ impl Budgeted {
             burst: f64::from(burst),
             rate: f64::from(rate),
         }
+    }
+
+    /// A peer being disconnected for a flood gets no new connection meanwhile: one
+    /// that slipped in would live on with every RPC dropped.
+    fn refuse_if_closing(&self, peer: PeerId) -> Result<(), ConnectionDenied> {
+        if self.closing.contains(&peer) {
+            return Err(ConnectionDenied::new(FloodingPeer));
+        }
+        Ok(())
     }
 
     /// Charges `peer` for `cost` at `now`; false when its budget is overdrawn.
@@ -119,6 +140,7 @@ impl NetworkBehaviour for Budgeted {
         local_addr: &Multiaddr,
         remote_addr: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.refuse_if_closing(peer)?;
         self.inner.handle_established_inbound_connection(
             connection_id,
             peer,
@@ -150,6 +172,7 @@ impl NetworkBehaviour for Budgeted {
         role_override: Endpoint,
         port_use: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.refuse_if_closing(peer)?;
         self.inner.handle_established_outbound_connection(
             connection_id,
             peer,

@@ -45,7 +45,7 @@ pub struct Behaviour {
     /// the dials in flight: entries leave on establishment or on failure.
     managed: HashSet<ConnectionId>,
     /// Commands for established connections, bounded by the node's own decisions
-    /// (at most two per duplicate closed).
+    /// (one per connection kept after a duplicate or a sibling connection closed).
     to_send: VecDeque<(PeerId, ConnectionId, Command)>,
     waker: Option<Waker>,
 }

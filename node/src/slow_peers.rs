@@ -11,7 +11,10 @@
 //!   dropped (queue full, or a message waited past its deadline); a peer reported slow
 //!   for [`GOSSIP_SLOW_FOR`] without a quiet gap of [`GOSSIP_QUIET`] is dropped;
 //! - a file response has [`response_deadline`] to be read: 5 s plus its size at
-//!   [`RESPONSE_MIN_RATE`]; a peer with a response pending past it is dropped.
+//!   [`RESPONSE_MIN_RATE`], counted after the responses handed to the same peer before
+//!   it (they share its link); a peer with a response pending past it is dropped.
+//!   Responses whose deadline falls beyond the file request timeout (60 s) are cut by
+//!   that timeout instead, without dropping the peer.
 //!
 //! Dropped means disconnected and counted (`servant_slow_peers_dropped_total{protocol}`),
 //! not banned: a peer that was only briefly slow may connect again.
@@ -33,13 +36,15 @@ pub const GOSSIP_SLOW_FOR: Duration = Duration::from_secs(10);
 pub const GOSSIP_QUIET: Duration = Duration::from_secs(5);
 /// Time a file response gets before its size counts.
 pub const RESPONSE_BASE: Duration = Duration::from_secs(5);
-/// The slowest reading a file response is allowed (bytes per second): a 1 MiB chunk
-/// gets 21 s, a 4 MiB one 69 s.
+/// The slowest a peer may read the responses handed to it (bytes per second, over all
+/// of them): one 1 MiB chunk gets 21 s, sixteen handed at once 5 s + 256 s in all.
 pub const RESPONSE_MIN_RATE: u64 = 64 * 1024;
 
-/// When a file response of `bytes` handed to the stream at `now` must have been read.
-pub fn response_deadline(bytes: u64, now: Instant) -> Instant {
-    now + RESPONSE_BASE + Duration::from_secs_f64(bytes as f64 / RESPONSE_MIN_RATE as f64)
+/// When a file response of `bytes` handed to the stream at `now` must have been read,
+/// given that the peer's earlier responses must be read by `previous`.
+pub fn response_deadline(bytes: u64, now: Instant, previous: Option<Instant>) -> Instant {
+    let start = previous.map_or(now + RESPONSE_BASE, |p| p.max(now + RESPONSE_BASE));
+    start + Duration::from_secs_f64(bytes as f64 / RESPONSE_MIN_RATE as f64)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -141,12 +146,22 @@ mod tests {
     }
 
     #[test]
-    fn deadlines_grow_with_the_response() {
+    fn deadlines_grow_with_the_response_and_queue_behind_the_last() {
         let t = Instant::now();
-        assert_eq!(response_deadline(0, t), t + RESPONSE_BASE);
+        let mib = 1024 * 1024;
+        assert_eq!(response_deadline(0, t, None), t + RESPONSE_BASE);
+        let first = response_deadline(mib, t, None);
+        assert_eq!(first, t + Duration::from_secs(21));
+        // A second response handed at once is read after the first.
         assert_eq!(
-            response_deadline(1024 * 1024, t),
-            t + Duration::from_secs(21)
+            response_deadline(mib, t, Some(first)),
+            t + Duration::from_secs(37)
+        );
+        // A deadline long past does not shorten a new one.
+        let later = t + Duration::from_secs(100);
+        assert_eq!(
+            response_deadline(mib, later, Some(first)),
+            later + Duration::from_secs(21)
         );
     }
 }
