@@ -6,7 +6,7 @@
 //! address: the owner match is what separates them, because the kernel picks 127.0.0.1
 //! as the source of many loopback connections whatever address a node listens on.
 
-use std::{process::Command, time::Duration};
+use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{bail, Result};
 use libp2p::PeerId;
@@ -31,6 +31,29 @@ fn iptables(args: &[&str]) -> Result<()> {
             args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+    Ok(())
+}
+
+/// Removes the cut chains of earlier runs whose process is gone (a run killed before
+/// its `Cut` was dropped): left in place, they split this run's halves from the start.
+fn remove_stale_cuts() -> Result<()> {
+    let out = Command::new("iptables").arg("-S").output()?;
+    let rules = String::from_utf8_lossy(&out.stdout);
+    for line in rules.lines() {
+        let Some(chain) = line.strip_prefix("-N ") else {
+            continue;
+        };
+        let Some(pid) = chain.strip_prefix("SERVANT_CUT_") else {
+            continue;
+        };
+        if Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        println!("removing {chain}, left by a run that no longer exists");
+        let _ = iptables(&["-D", "OUTPUT", "-j", chain]);
+        iptables(&["-F", chain])?;
+        iptables(&["-X", chain])?;
     }
     Ok(())
 }
@@ -78,6 +101,7 @@ async fn halves_merge_after_a_cut_heals() -> Result<()> {
     if skip_unless(is_root() && has_program("iptables"), "root and iptables") {
         return Ok(());
     }
+    remove_stale_cuts()?;
     let mut net = Net::new();
     let boot = net.add("boot", &[]);
     net[boot].p2p_host = HALF_A.into();
