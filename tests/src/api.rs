@@ -154,6 +154,21 @@ impl Api {
         self.get("/v1/status").await
     }
 
+    /// Waits up to `timeout` until this node has at least `min` peers in its mesh for
+    /// `topic`.
+    pub async fn wait_mesh(&self, topic: &str, min: usize, timeout: Duration) -> Result<()> {
+        let what = format!("{} to have {min} mesh peer(s) for {topic}", self.name);
+        crate::eventually(timeout, &what, || async move {
+            let status = self.status().await?;
+            Ok(status
+                .topics
+                .iter()
+                .any(|t| t.name == topic && t.mesh_peers >= min)
+                .then_some(()))
+        })
+        .await
+    }
+
     /// `GET /v1/reach`.
     pub async fn reach(&self) -> Result<servant::traversal::ReachView> {
         self.get("/v1/reach").await

@@ -165,16 +165,7 @@ async fn slow_api_clients_leave_the_p2p_side_alone() -> Result<()> {
     let mut sub_a = net[a].subscribe(TOPIC).await?;
     let mut sub_b = net[b].subscribe(TOPIC).await?;
     for i in [a, b] {
-        let net = &net;
-        eventually(Duration::from_secs(20), "a mesh peer", || async move {
-            let status = net[i].status().await?;
-            Ok(status
-                .topics
-                .iter()
-                .any(|t| t.name == TOPIC && t.mesh_peers >= 1)
-                .then_some(()))
-        })
-        .await?;
+        net[i].wait_mesh(TOPIC, 1, Duration::from_secs(20)).await?;
     }
     let pings_failed_before = net[b].metric("servant_ping_failures_total").await?;
     let proc = hostile::Proc::of_data_dir(&net[a].data_dir)?;

@@ -17,7 +17,6 @@ use libp2p::request_response::Codec;
 use servant::codecs::{FileCodec, FILE_PROTOCOL};
 use servant_protocol::file::Request;
 use servant_tests::{
-    eventually,
     gossip_raw::{rpc, RawGossipPeer},
     hostile::{self, mib},
     raw_peer::RawPeer,
@@ -41,6 +40,41 @@ async fn connected(net: &Net, i: usize, peer: &str) -> Result<bool> {
     Ok(net[i].peers().await?.iter().any(|p| p.peer_id == peer))
 }
 
+/// The checks both slow readers share: dropped within [`DROPPED_WITHIN`], counted
+/// under `protocol`, and the node's memory grown by at most [`MAX_GROWTH`].
+async fn dropped_counted_and_bounded(
+    net: &Net,
+    a: usize,
+    protocol: &str,
+    dropped_after: Duration,
+    growth: u64,
+) -> Result<()> {
+    ensure!(
+        dropped_after <= DROPPED_WITHIN,
+        "dropped after {dropped_after:?}, over {DROPPED_WITHIN:?}"
+    );
+    println!(
+        "checked: dropped {:.1} s after it stopped reading (at most {DROPPED_WITHIN:?})",
+        dropped_after.as_secs_f64()
+    );
+    let series = format!("servant_slow_peers_dropped_total{{protocol=\"{protocol}\"}}");
+    let counted = net[a].metric(&series).await?;
+    ensure!(counted >= 1.0, "{series} is {counted}");
+    println!("checked: {series} {counted}");
+    ensure!(
+        growth <= MAX_GROWTH,
+        "resident memory grew {:.1} MiB (at most {:.0})",
+        mib(growth),
+        mib(MAX_GROWTH)
+    );
+    println!(
+        "checked: resident memory grew {:.1} MiB (at most {:.0} MiB)",
+        mib(growth),
+        mib(MAX_GROWTH)
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_stops_reading_is_dropped() -> Result<()> {
     let mut net = Net::new();
@@ -49,18 +83,7 @@ async fn a_subscriber_that_stops_reading_is_dropped() -> Result<()> {
     let b = net.spawn("b", &["--bootnode".into(), boot]).await?;
     let _sub_a = net[a].subscribe(TOPIC).await?;
     let mut sub_b = net[b].subscribe(TOPIC).await?;
-    {
-        let net = &net;
-        eventually(Duration::from_secs(20), "b in a's mesh", || async move {
-            let status = net[a].status().await?;
-            Ok(status
-                .topics
-                .iter()
-                .any(|t| t.name == TOPIC && t.mesh_peers >= 1)
-                .then_some(()))
-        })
-        .await?;
-    }
+    net[a].wait_mesh(TOPIC, 1, Duration::from_secs(20)).await?;
 
     let mut slow = RawGossipPeer::connect_unread(net[a].addr()).await?;
     slow.send_all(&[rpc::subscribe(TOPIC)]).await?;
@@ -100,34 +123,14 @@ async fn a_subscriber_that_stops_reading_is_dropped() -> Result<()> {
         mib(rss_peak)
     );
     let dropped_after = dropped_after.context("the slow subscriber was never dropped")?;
-    ensure!(
-        dropped_after <= DROPPED_WITHIN,
-        "dropped after {dropped_after:?}, over {DROPPED_WITHIN:?}"
-    );
-    println!(
-        "checked: dropped {:.1} s after it stopped reading (at most {DROPPED_WITHIN:?})",
-        dropped_after.as_secs_f64()
-    );
-    let counted = net[a]
-        .metric("servant_slow_peers_dropped_total{protocol=\"gossipsub\"}")
-        .await?;
-    ensure!(
-        counted >= 1.0,
-        "servant_slow_peers_dropped_total{{gossipsub}} is {counted}"
-    );
-    println!("checked: servant_slow_peers_dropped_total{{protocol=\"gossipsub\"}} {counted}");
-    let growth = rss_peak.saturating_sub(rss_before);
-    ensure!(
-        growth <= MAX_GROWTH,
-        "resident memory grew {:.1} MiB (at most {:.0})",
-        mib(growth),
-        mib(MAX_GROWTH)
-    );
-    println!(
-        "checked: resident memory grew {:.1} MiB (at most {:.0} MiB)",
-        mib(growth),
-        mib(MAX_GROWTH)
-    );
+    dropped_counted_and_bounded(
+        &net,
+        a,
+        "gossipsub",
+        dropped_after,
+        rss_peak.saturating_sub(rss_before),
+    )
+    .await?;
 
     // The honest subscriber got what was sent meanwhile.
     let wanted: HashSet<String> = sent.iter().cloned().collect();
@@ -209,34 +212,14 @@ async fn a_fetcher_that_stops_reading_is_dropped() -> Result<()> {
         mib(rss_peak)
     );
     let dropped_after = dropped_after.context("the slow fetcher was never dropped")?;
-    ensure!(
-        dropped_after <= DROPPED_WITHIN,
-        "dropped after {dropped_after:?}, over {DROPPED_WITHIN:?}"
-    );
-    println!(
-        "checked: dropped {:.1} s after it stopped reading (at most {DROPPED_WITHIN:?})",
-        dropped_after.as_secs_f64()
-    );
-    let counted = net[a]
-        .metric("servant_slow_peers_dropped_total{protocol=\"file\"}")
-        .await?;
-    ensure!(
-        counted >= 1.0,
-        "servant_slow_peers_dropped_total{{file}} is {counted}"
-    );
-    println!("checked: servant_slow_peers_dropped_total{{protocol=\"file\"}} {counted}");
-    let growth = rss_peak.saturating_sub(rss_before);
-    ensure!(
-        growth <= MAX_GROWTH,
-        "resident memory grew {:.1} MiB (at most {:.0})",
-        mib(growth),
-        mib(MAX_GROWTH)
-    );
-    println!(
-        "checked: resident memory grew {:.1} MiB (at most {:.0} MiB)",
-        mib(growth),
-        mib(MAX_GROWTH)
-    );
+    dropped_counted_and_bounded(
+        &net,
+        a,
+        "file",
+        dropped_after,
+        rss_peak.saturating_sub(rss_before),
+    )
+    .await?;
     ensure!(net[a].livez().await, "node a is not live");
     println!("checked: the node is live");
     Ok(())

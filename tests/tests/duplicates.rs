@@ -72,16 +72,7 @@ async fn duplicate_then_broadcast(gap: Option<Duration>, kept_direction: &str) -
         subs.push(net[i].subscribe(TOPIC).await?);
     }
     for i in [small, large] {
-        let net = &net;
-        eventually(Duration::from_secs(20), "a mesh peer", || async move {
-            let status = net[i].status().await?;
-            Ok(status
-                .topics
-                .iter()
-                .any(|t| t.name == TOPIC && t.mesh_peers >= 1)
-                .then_some(()))
-        })
-        .await?;
+        net[i].wait_mesh(TOPIC, 1, Duration::from_secs(20)).await?;
     }
     if let Some(gap) = gap {
         tokio::time::sleep(gap.saturating_sub(t0.elapsed())).await;
