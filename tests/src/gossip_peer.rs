@@ -2,7 +2,13 @@
 //! protocols as a Servant node but publishes whatever bytes the test hands it, so
 //! tests can send what an honest node never would (stale, forged, malformed).
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use anyhow::{anyhow, Result};
 use futures::StreamExt;
@@ -34,8 +40,20 @@ pub struct GossipPeer {
 }
 
 impl GossipPeer {
-    /// Starts a peer subscribed to `topic` and dials `target`.
+    /// Starts a peer subscribed to `topic` and dials `target`; it forwards what it
+    /// receives as any gossipsub peer does.
     pub async fn start(target: Multiaddr, topic: &str) -> Result<GossipPeer> {
+        Self::start_with(&[target], topic, None).await
+    }
+
+    /// Starts a peer subscribed to `topic` that dials every one of `targets`. With
+    /// `forward`, it validates each message itself and passes it on only while the
+    /// flag is set: cleared, it stays in the mesh and forwards nothing (a dropper).
+    pub async fn start_with(
+        targets: &[Multiaddr],
+        topic: &str,
+        forward: Option<Arc<AtomicBool>>,
+    ) -> Result<GossipPeer> {
         let key = Keypair::generate_ed25519();
         let peer_id = key.public().to_peer_id();
         let topic = gossipsub::IdentTopic::new(topic);
@@ -47,11 +65,14 @@ impl GossipPeer {
                 yamux::Config::default,
             )?
             .with_behaviour(|key| {
-                let config = gossipsub::ConfigBuilder::default()
+                let mut builder = gossipsub::ConfigBuilder::default();
+                builder
                     .message_id_fn(servant::behaviour::message_id)
-                    .max_transmit_size(servant::behaviour::GOSSIPSUB_MAX_TRANSMIT)
-                    .build()
-                    .map_err(|e| anyhow!("{e}"))?;
+                    .max_transmit_size(servant::behaviour::GOSSIPSUB_MAX_TRANSMIT);
+                if forward.is_some() {
+                    builder.validate_messages();
+                }
+                let config = builder.build().map_err(|e| anyhow!("{e}"))?;
                 let gossipsub = gossipsub::Behaviour::new(
                     gossipsub::MessageAuthenticity::Signed(key.clone()),
                     config,
@@ -70,7 +91,9 @@ impl GossipPeer {
             .build();
         swarm.behaviour_mut().gossipsub.subscribe(&topic)?;
         swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse()?)?;
-        swarm.dial(target)?;
+        for target in targets {
+            swarm.dial(target.clone())?;
+        }
         let (cmd_tx, mut cmd_rx) = mpsc::channel::<Cmd>(16);
         let (recv_tx, recv_rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
@@ -78,9 +101,23 @@ impl GossipPeer {
                 tokio::select! {
                     event = swarm.select_next_some() => {
                         if let SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(
-                            gossipsub::Event::Message { message, .. },
+                            gossipsub::Event::Message { message, message_id, propagation_source },
                         )) = event
                         {
+                            if let Some(forward) = &forward {
+                                // Ignore, not Reject: a dropper hides, it does not
+                                // accuse the honest peer that sent the message.
+                                let verdict = if forward.load(Ordering::Relaxed) {
+                                    gossipsub::MessageAcceptance::Accept
+                                } else {
+                                    gossipsub::MessageAcceptance::Ignore
+                                };
+                                swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                                    &message_id,
+                                    &propagation_source,
+                                    verdict,
+                                );
+                            }
                             let _ = recv_tx.send((message.source, message.data));
                         }
                     }
