@@ -731,6 +731,19 @@ impl EventLoop {
         if self.swarm.is_connected(&peer) {
             return;
         }
+        // Kademlia keeps a peer's last address even when it fails, so a peer that
+        // left stays in the routing table and every later query dials it again (over
+        // QUIC, a 5 s handshake timeout each time; the soak found nodes dialing
+        // departed peers for minutes after the churn ended). A peer that could not be
+        // reached at any address it was dialed on, or where another peer now answers,
+        // leaves the table; it comes back the next time it connects.
+        if matches!(
+            error,
+            DialError::Transport(_) | DialError::WrongPeerId { .. }
+        ) && self.swarm.behaviour_mut().kad.remove_peer(&peer).is_some()
+        {
+            tracing::debug!(%peer, "unreachable peer removed from the routing table");
+        }
         // Someone else's dial to a peer we wanted failed: so did ours, in effect.
         let wanted = self.wanted.remove(&peer);
         // Other dials (Kademlia's queries) fail for their own reasons; the backoff
