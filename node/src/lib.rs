@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 pub mod addr;
+pub mod allocator;
 pub mod api;
 // The NetworkBehaviour derive generates an event enum without doc comments.
 #[allow(missing_docs)]
