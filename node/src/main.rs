@@ -4,6 +4,5 @@ fn main() -> std::process::ExitCode {
     // Before anything runs, so a panic in any thread, start-up included, is counted.
     servant::metrics::install_panic_hook();
     servant::allocator::tune();
-    servant::allocator::spawn_trimmer();
     servant::cli::main()
 }
