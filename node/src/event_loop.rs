@@ -786,6 +786,11 @@ impl EventLoop {
             .is_some()
         {
             "ip_limit"
+        } else if cause
+            .downcast_ref::<crate::gossip_budget::FloodingPeer>()
+            .is_some()
+        {
+            "gossip_flood"
         } else {
             "other"
         };

@@ -8,7 +8,8 @@
 //! from a token bucket of `gossip_control_burst` (20,000) refilled at
 //! `gossip_control_rate` (2,000) a second. A peer that
 //! overdraws it is disconnected, counted in
-//! `servant_gossip_control_floods_total`, and its RPC is not handed to gossipsub.
+//! `servant_gossip_control_floods_total`, its RPC is not handed to gossipsub, and
+//! its connections are refused for [`FLOOD_PENALTY`] after.
 //!
 //! Honest traffic stays far below: a peer sends a few control actions per topic per
 //! heartbeat, plus one IDONTWANT per large message it receives (gossipsub 0.50 sends
@@ -19,7 +20,7 @@ use std::{
     collections::{HashMap, HashSet},
     ops::{Deref, DerefMut},
     task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use libp2p::{
@@ -34,13 +35,23 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::behaviour::Gossipsub;
 
-/// Why a connection was refused: the peer is being disconnected for a control flood.
+/// How long a peer disconnected for a control flood is refused afterwards. Without
+/// it, a flooder that redials starts over with a full burst and costs the node a
+/// burst's worth of handling every few milliseconds.
+pub const FLOOD_PENALTY: Duration = Duration::from_secs(600);
+
+/// Most flooders remembered at once; past it the one whose penalty ends first is
+/// forgotten (a flooder with many identities meets the per-IP caps instead).
+pub const MAX_PENALIZED: usize = 4096;
+
+/// Why a connection was refused: the peer flooded gossipsub control messages and is
+/// being disconnected, or was within the last [`FLOOD_PENALTY`].
 #[derive(Debug)]
 pub struct FloodingPeer;
 
 impl std::fmt::Display for FloodingPeer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("peer is being disconnected for flooding gossipsub control messages")
+        f.write_str("peer flooded gossipsub control messages and is refused for a while")
     }
 }
 
@@ -63,6 +74,8 @@ pub struct Budgeted {
     to_close: Vec<PeerId>,
     /// Peers being disconnected: what they still send is dropped, and counted once.
     closing: HashSet<PeerId>,
+    /// Flooders already disconnected, with when their penalty ends.
+    penalized: HashMap<PeerId, Instant>,
     floods: Counter,
     burst: f64,
     rate: f64,
@@ -77,19 +90,45 @@ impl Budgeted {
             buckets: HashMap::new(),
             to_close: Vec::new(),
             closing: HashSet::new(),
+            penalized: HashMap::new(),
             floods,
             burst: f64::from(burst),
             rate: f64::from(rate),
         }
     }
 
-    /// A peer being disconnected for a flood gets no new connection meanwhile: one
-    /// that slipped in would live on with every RPC dropped.
-    fn refuse_if_closing(&self, peer: PeerId) -> Result<(), ConnectionDenied> {
+    /// A peer being disconnected for a flood gets no new connection meanwhile (one
+    /// that slipped in would live on with every RPC dropped), nor for
+    /// [`FLOOD_PENALTY`] after.
+    fn refuse_if_closing(&mut self, peer: PeerId) -> Result<(), ConnectionDenied> {
         if self.closing.contains(&peer) {
             return Err(ConnectionDenied::new(FloodingPeer));
         }
+        if let Some(until) = self.penalized.get(&peer) {
+            if Instant::now() < *until {
+                return Err(ConnectionDenied::new(FloodingPeer));
+            }
+            self.penalized.remove(&peer);
+        }
         Ok(())
+    }
+
+    /// Starts `peer`'s penalty at `now`, within [`MAX_PENALIZED`].
+    fn penalize(&mut self, peer: PeerId, now: Instant) {
+        if self.penalized.len() >= MAX_PENALIZED {
+            self.penalized.retain(|_, until| *until > now);
+        }
+        if self.penalized.len() >= MAX_PENALIZED {
+            let first = self
+                .penalized
+                .iter()
+                .min_by_key(|(_, until)| **until)
+                .map(|(p, _)| *p);
+            if let Some(first) = first {
+                self.penalized.remove(&first);
+            }
+        }
+        self.penalized.insert(peer, now + FLOOD_PENALTY);
     }
 
     /// Charges `peer` for `cost` at `now`; false when its budget is overdrawn.
@@ -186,7 +225,9 @@ impl NetworkBehaviour for Budgeted {
         if let FromSwarm::ConnectionClosed(closed) = &event {
             if closed.remaining_established == 0 {
                 self.buckets.remove(&closed.peer_id);
-                self.closing.remove(&closed.peer_id);
+                if self.closing.remove(&closed.peer_id) {
+                    self.penalize(closed.peer_id, Instant::now());
+                }
             }
         }
         self.inner.on_swarm_event(event);
@@ -258,5 +299,35 @@ mod tests {
         let much_later = later + std::time::Duration::from_secs(3600);
         assert!(b.charge(peer, BURST, much_later));
         assert!(!b.charge(peer, 1, much_later));
+    }
+
+    #[test]
+    fn a_flooder_is_refused_for_its_penalty_and_the_list_stays_capped() {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let inner = crate::behaviour::build_gossipsub(&key, &mut registry, true)
+            .expect("the default gossipsub config builds");
+        let mut b = Budgeted::new(inner, 10, 1, Counter::default());
+        let flooder = PeerId::random();
+        b.penalize(flooder, Instant::now());
+        assert!(
+            b.refuse_if_closing(flooder).is_err(),
+            "refused within the penalty"
+        );
+        assert!(b.refuse_if_closing(PeerId::random()).is_ok());
+        // A penalty that ended lets the peer back in and is forgotten.
+        let long_ago = Instant::now() - FLOOD_PENALTY - Duration::from_secs(1);
+        b.penalize(flooder, long_ago);
+        assert!(b.refuse_if_closing(flooder).is_ok());
+        assert!(!b.penalized.contains_key(&flooder));
+        // Past the cap, the penalty that ends first makes room.
+        let now = Instant::now();
+        let first = PeerId::random();
+        b.penalize(first, now - Duration::from_secs(10));
+        for _ in 0..MAX_PENALIZED {
+            b.penalize(PeerId::random(), now);
+        }
+        assert_eq!(b.penalized.len(), MAX_PENALIZED);
+        assert!(!b.penalized.contains_key(&first));
     }
 }

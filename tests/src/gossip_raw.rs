@@ -35,7 +35,15 @@ impl RawGossipPeer {
     /// Dials `target` (which must end in `/p2p/<PeerId>`) and opens a `/meshsub/1.1.0`
     /// stream to it, accepting (and draining) the node's own gossipsub stream.
     pub async fn connect(target: Multiaddr) -> Result<RawGossipPeer> {
-        let mut peer = RawPeer::connect(target, &[MESHSUB_1_1]).await?;
+        Self::connect_as(libp2p::identity::Keypair::generate_ed25519(), target).await
+    }
+
+    /// Like [`RawGossipPeer::connect`], with the identity `key`.
+    pub async fn connect_as(
+        key: libp2p::identity::Keypair,
+        target: Multiaddr,
+    ) -> Result<RawGossipPeer> {
+        let mut peer = RawPeer::connect_as(key, target, &[MESHSUB_1_1], &[]).await?;
         let stream = peer.open(MESHSUB_1_1).await?;
         Ok(RawGossipPeer {
             peer_id: peer.peer_id,

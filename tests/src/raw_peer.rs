@@ -50,11 +50,20 @@ impl RawPeer {
         accept: &[StreamProtocol],
         hold: &[StreamProtocol],
     ) -> Result<RawPeer> {
+        RawPeer::connect_as(Keypair::generate_ed25519(), target, accept, hold).await
+    }
+
+    /// Like [`RawPeer::connect_holding`], with the identity `key`: a peer coming back.
+    pub async fn connect_as(
+        key: Keypair,
+        target: Multiaddr,
+        accept: &[StreamProtocol],
+        hold: &[StreamProtocol],
+    ) -> Result<RawPeer> {
         let node = match target.iter().last() {
             Some(Protocol::P2p(peer)) => peer,
             _ => bail!("{target} does not end in /p2p/<PeerId>"),
         };
-        let key = Keypair::generate_ed25519();
         let peer_id = key.public().to_peer_id();
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()

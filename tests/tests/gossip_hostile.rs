@@ -365,7 +365,8 @@ async fn subscribe_flood_is_capped_per_peer() -> Result<()> {
 async fn a_control_flood_gets_the_flooder_disconnected() -> Result<()> {
     let mut h = honest_pair_with(&[]).await?;
     let (a, net) = (h.a, &h.net);
-    let mut hostile = RawGossipPeer::connect(net[a].addr()).await?;
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let mut hostile = RawGossipPeer::connect_as(key.clone(), net[a].addr()).await?;
     let hostile_id = hostile.peer_id.to_string();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = resident(net, a).await?;
@@ -406,6 +407,20 @@ async fn a_control_flood_gets_the_flooder_disconnected() -> Result<()> {
         "servant_gossip_control_floods_total is {floods}"
     );
     println!("checked: servant_gossip_control_floods_total {floods}");
+    // Coming back under the same identity does not buy a fresh budget: the node
+    // refuses the flooder's connections for its penalty.
+    drop(hostile);
+    let denied = "servant_connections_denied_total{reason=\"gossip_flood\"}";
+    for attempt in 1..=3 {
+        let back = RawGossipPeer::connect_as(key.clone(), net[a].addr()).await;
+        ensure!(
+            back.is_err(),
+            "the flooder's connection {attempt} after its disconnect was accepted"
+        );
+    }
+    let refused = net[a].metric(denied).await?;
+    ensure!(refused >= 3.0, "{denied} is {refused}");
+    println!("checked: the flooder's next 3 connections were refused ({denied} {refused})");
     memory_growth_bounded(net, a, before, "GRAFT").await?;
     honest_still_served(&mut h).await?;
     h.net.pass();
