@@ -10,8 +10,12 @@
 
 use std::{
     io,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -262,6 +266,89 @@ pub async fn establish(
     })
     .await
     .map_err(|_| anyhow!("no connection within {deadline:?}"))?
+}
+
+/// The shape of a connection flood.
+#[derive(Debug, Clone, Copy)]
+pub struct Flood {
+    /// Dials in all.
+    pub dials: usize,
+    /// Source addresses: 127.0.0.2 ..= 127.0.0.(1 + sources), standing for hosts.
+    pub sources: u8,
+    /// The dials start evenly spread over this.
+    pub spread: Duration,
+    /// Most dials in flight (connecting or holding) at once.
+    pub max_in_flight: usize,
+    /// How long an established connection is held (unless the node closes it).
+    pub hold: Duration,
+}
+
+/// What the dials of a flood ended in, counted as they end.
+#[derive(Debug, Default)]
+pub struct FloodOutcomes {
+    /// Dials that completed TCP, noise and yamux.
+    pub established: AtomicUsize,
+    /// Dials that did not.
+    pub refused: AtomicUsize,
+    /// Established connections the node closed before the hold ended.
+    pub closed_by_node: AtomicUsize,
+    /// Dials started so far.
+    pub started: AtomicUsize,
+}
+
+impl Flood {
+    /// Runs the flood against `dst`, dial `i` with `keys[i % keys.len()]`: each
+    /// completes TCP, noise and yamux and then sits on the connection reading
+    /// whatever the node sends and answering none of it. Returns when every dial
+    /// has ended.
+    pub async fn run(self, dst: SocketAddr, keys: Arc<Vec<Keypair>>, out: Arc<FloodOutcomes>) {
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(self.max_in_flight));
+        let mut pace = tokio::time::interval(self.spread / self.dials.max(1) as u32);
+        let mut dials = Vec::with_capacity(self.dials);
+        for i in 0..self.dials {
+            pace.tick().await;
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                break;
+            };
+            out.started.store(i + 1, Ordering::Relaxed);
+            let (keys, out) = (keys.clone(), out.clone());
+            dials.push(tokio::spawn(async move {
+                self.dial(i, dst, &keys, &out).await;
+                drop(permit);
+            }));
+        }
+        for d in dials {
+            let _ = d.await;
+        }
+    }
+
+    async fn dial(self, i: usize, dst: SocketAddr, keys: &[Keypair], out: &FloodOutcomes) {
+        let src = IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            2 + (i % usize::from(self.sources.max(1))) as u8,
+        ));
+        let Some(key) = keys.get(i % keys.len().max(1)) else {
+            return;
+        };
+        let mut io = match establish(src, dst, key, Duration::from_secs(10)).await {
+            Ok(io) => io,
+            Err(_) => {
+                out.refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        out.established.fetch_add(1, Ordering::Relaxed);
+        let mut sink = vec![0u8; 16 * 1024];
+        let held = tokio::time::timeout(self.hold, async {
+            while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        if held.is_ok() {
+            out.closed_by_node.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Yamux frames, written and parsed by hand (the spec's 12-byte header: version,

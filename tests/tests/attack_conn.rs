@@ -17,18 +17,17 @@
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::{Duration, Instant},
 };
 
 use anyhow::{ensure, Context, Result};
-use futures::AsyncReadExt;
 use libp2p::identity::Keypair;
 use servant_tests::{
     eventually,
-    hostile::{self, mib, Proc},
+    hostile::{self, mib, Flood, FloodOutcomes, Proc},
     Net,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -70,37 +69,6 @@ const FD_TOLERANCE: usize = 8;
 /// Highest value seen.
 fn raise(max: &AtomicU64, value: u64) {
     max.fetch_max(value, Ordering::Relaxed);
-}
-
-/// What each hostile dial ended in.
-#[derive(Default)]
-struct Outcomes {
-    established: AtomicUsize,
-    refused: AtomicUsize,
-    closed_by_node: AtomicUsize,
-}
-
-/// One hostile dial: connect, noise, yamux, then sit on the connection for `HOLD`
-/// reading whatever the node sends (and answering none of it).
-async fn hostile_dial(i: usize, dst: SocketAddr, keys: &[Keypair], out: &Outcomes) {
-    let src = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % SOURCES as usize) as u8));
-    let key = &keys[i % keys.len()];
-    let mut io = match hostile::establish(src, dst, key, Duration::from_secs(10)).await {
-        Ok(io) => io,
-        Err(_) => {
-            out.refused.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-    };
-    out.established.fetch_add(1, Ordering::Relaxed);
-    let mut sink = vec![0u8; 16 * 1024];
-    let held = tokio::time::timeout(HOLD, async {
-        while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
-    })
-    .await;
-    if held.is_ok() {
-        out.closed_by_node.fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 /// Median of three samples 200 ms apart: one stray descriptor (a file being saved)
@@ -186,34 +154,20 @@ async fn connection_flood_stays_under_the_caps() -> Result<()> {
             .collect(),
     );
     let dst = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), net[t].p2p_port);
-    let next = Arc::new(AtomicUsize::new(0));
-    let outcomes = Arc::new(Outcomes::default());
+    let outcomes = Arc::new(FloodOutcomes::default());
     let flood_started = Instant::now();
     // Dials start at a steady pace, so the flood lasts long enough for an honest node
-    // to join in the middle of it; the semaphore bounds the test's own sockets.
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
-    let flood = {
-        let (keys, next, outcomes) = (keys.clone(), next.clone(), outcomes.clone());
-        tokio::spawn(async move {
-            let mut pace = tokio::time::interval(FLOOD_DURATION / DIALS as u32);
-            let mut dials = Vec::with_capacity(DIALS);
-            for i in 0..DIALS {
-                pace.tick().await;
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                    break;
-                };
-                next.store(i + 1, Ordering::Relaxed);
-                let (keys, outcomes) = (keys.clone(), outcomes.clone());
-                dials.push(tokio::spawn(async move {
-                    hostile_dial(i, dst, &keys, &outcomes).await;
-                    drop(permit);
-                }));
-            }
-            for d in dials {
-                let _ = d.await;
-            }
-        })
-    };
+    // to join in the middle of it; `max_in_flight` bounds the test's own sockets.
+    let flood = tokio::spawn(
+        Flood {
+            dials: DIALS,
+            sources: SOURCES,
+            spread: FLOOD_DURATION,
+            max_in_flight: MAX_IN_FLIGHT,
+            hold: HOLD,
+        }
+        .run(dst, keys.clone(), outcomes.clone()),
+    );
 
     // An honest node joins while the flood runs.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -235,7 +189,7 @@ async fn connection_flood_stays_under_the_caps() -> Result<()> {
     )
     .await;
     let honest_took = honest_started.elapsed();
-    let dials_when_joined = next.load(Ordering::Relaxed);
+    let dials_when_joined = outcomes.started.load(Ordering::Relaxed);
 
     flood.await.context("the flood panicked")?;
     let flood_ended = Instant::now();
@@ -278,7 +232,7 @@ async fn connection_flood_stays_under_the_caps() -> Result<()> {
     }
 
     ensure!(
-        next.load(Ordering::Relaxed) >= DIALS,
+        outcomes.started.load(Ordering::Relaxed) >= DIALS,
         "the flood did not make its {DIALS} dials"
     );
     println!(

@@ -32,10 +32,19 @@
 //!     [--duration 5m --churn-multiplier 10 --out target/bench/soak.json --check]
 //! ```
 //!
+//! ```text
+//! cargo build -p servant && cargo run -p servant-tests --bin servant-bench -- attack \
+//!     [--dials 2000 --honest 40 --out target/bench/attack.json]
+//! ```
+//!
+//! `attack` times an honest peer's connections to a node on its own and then under
+//! the connection flood of the attack tests; see [`attack`].
+//!
 //! `soak` runs real `servant` processes under churn and load for `--duration` (hours
 //! for a long soak) and checks resident memory, descriptors, tasks and panics of the
 //! nodes that stayed; see [`soak`].
 
+mod attack;
 mod baseline_net;
 mod driver;
 mod files;
@@ -123,6 +132,15 @@ enum Mode {
         /// Exit with status 1 when a criterion fails.
         #[arg(long)]
         check: bool,
+    },
+    /// What a connection flood costs an honest peer's connects, side by side with a
+    /// quiet node.
+    Attack {
+        #[command(flatten)]
+        params: attack::AttackParams,
+        /// Where the JSON report goes; the table is written beside it as `.txt`.
+        #[arg(long, default_value = "target/bench/attack.json")]
+        out: PathBuf,
     },
     /// A bare rust-libp2p relay or peer (used by `nat`).
     #[command(hide = true)]
@@ -236,6 +254,10 @@ fn main() -> Result<()> {
             if check && !report.all_criteria_met {
                 std::process::exit(1);
             }
+            Ok(())
+        }
+        Mode::Attack { params, out } => {
+            stream_runtime()?.block_on(attack::run(&params, &out))?;
             Ok(())
         }
         Mode::NatNode {
