@@ -424,3 +424,100 @@ async fn unshare_stops_announcing_and_serving() -> Result<()> {
     net.pass();
     Ok(())
 }
+
+/// Sum of every `servant_dial_failures_total` series (all purposes) and the live task
+/// count of a node.
+async fn dial_failures_and_tasks(net: &Net, i: usize) -> Result<(f64, f64)> {
+    let text = net[i].metrics().await?;
+    let failures = text
+        .lines()
+        .filter(|l| l.starts_with("servant_dial_failures_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let tasks = servant_tests::metric_value(&text, "servant_tokio_alive_tasks").unwrap_or(0.0);
+    Ok((failures, tasks))
+}
+
+/// The only provider dies mid-transfer and none takes its place: the fetch gives up
+/// after its stall timeout with the verified part kept, and meanwhile it asks the dead
+/// provider again at a bounded pace. (A retry loop once re-dialed a vanished provider
+/// after every failure, a dial storm the soak found as hundreds of tasks.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_whose_provider_died_gives_up_without_a_dial_storm() -> Result<()> {
+    let mut net = Net::new();
+    let p = net
+        .spawn("provider", &["--serve-rate-per-peer".into(), "4MiB".into()])
+        .await?;
+    let f = net
+        .spawn("fetcher", &["--bootnode".into(), net[p].addr().to_string()])
+        .await?;
+    let src = net.dir().join("dies.bin");
+    random_file(&src, 40 * 1024 * 1024, 33)?;
+    let id = net[p].share(&src).await?.id.to_hex();
+    let out = net.dir().join("dies.out");
+    let mut stream = net[f].fetch_stream(&id, &out).await?;
+    let mut killed_at = None;
+    let mut before = (0.0, 0.0);
+    let mut peak_tasks = 0.0f64;
+    let mut last = None;
+    let mut sample = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            event = stream.recv() => {
+                let Some(event) = event else { break };
+                if let Progress::Progress { done_bytes, .. } = &event {
+                    if killed_at.is_none() && *done_bytes > 8 * 1024 * 1024 {
+                        before = dial_failures_and_tasks(&net, f).await?;
+                        net[p].kill();
+                        killed_at = Some(std::time::Instant::now());
+                    }
+                }
+                last = Some(event);
+            }
+            _ = sample.tick(), if killed_at.is_some() => {
+                let (_, tasks) = dial_failures_and_tasks(&net, f).await?;
+                peak_tasks = peak_tasks.max(tasks);
+            }
+        }
+    }
+    let Some(killed_at) = killed_at else {
+        bail!("the fetch ended before the provider could be killed: {last:?}");
+    };
+    let gave_up_after = killed_at.elapsed();
+    let Some(Progress::Failed {
+        error, have_chunks, ..
+    }) = &last
+    else {
+        bail!("the fetch did not fail: {last:?}");
+    };
+    let (after_failures, _) = dial_failures_and_tasks(&net, f).await?;
+    let failed_dials = after_failures - before.0;
+    println!(
+        "checked: the fetch gave up {:.1} s after its only provider died, keeping {have_chunks} \
+         verified chunks: {error}",
+        gave_up_after.as_secs_f64()
+    );
+    assert!(
+        error.contains("no provider left"),
+        "the error should say no provider is left: {error}"
+    );
+    assert!(
+        gave_up_after <= Duration::from_secs(45),
+        "gave up only after {gave_up_after:?} (stall timeout 30 s)"
+    );
+    assert!(*have_chunks > 0, "the verified part was kept");
+    // One failed dial a second at most while the fetch waited (failures within a
+    // second count as one), with room for the DHT's own lookups.
+    let bound = gave_up_after.as_secs_f64() + 20.0;
+    println!(
+        "checked: {failed_dials} failed dials and at most {peak_tasks} tasks (from {}) while it \
+         waited (bound {bound:.0} dials)",
+        before.1
+    );
+    assert!(
+        failed_dials <= bound,
+        "{failed_dials} failed dials in {gave_up_after:?}: a dial storm"
+    );
+    net.pass();
+    Ok(())
+}
