@@ -17,6 +17,8 @@
 #   lab.sh peer LAB NAME ROUTER IP                a peer on ROUTER's LAN
 #   lab.sh forward LAB ROUTER PROTO PORT LAN_IP   port forward WAN_IP:PORT -> LAN_IP:PORT (tcp|udp)
 #   lab.sh unforward LAB ROUTER PROTO PORT LAN_IP removes it
+#   lab.sh upnp LAB ROUTER                        runs miniupnpd (an IGD) on ROUTER, whose WAN_IP
+#                                                 must be in 11.0.0.0/24 (a global-looking prefix)
 #   lab.sh exec LAB NAME CMD...                   runs CMD in namespace LAB-NAME (NAME "pub": the segment)
 #   lab.sh check LAB ROUTER PEER                  self-check: the router behaves as its TYPE says
 #   lab.sh status LAB                             what the lab holds
@@ -44,6 +46,12 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 STATE_ROOT=/run/servant-natlab
 PUB_PREFIX=198.18.0
 PUB_DIAG_IP=198.18.0.254
+# A second public prefix on the same segment for UPnP routers: libp2p-upnp refuses a
+# gateway whose external address is not global (198.18/15 is benchmarking space), so
+# they need a global-looking address. 11.0.0.0/24 lives only inside the lab's
+# namespaces, where nothing routes out.
+GLOBAL_PREFIX=11.0.0
+GLOBAL_DIAG_IP=11.0.0.254
 TYPES="port-restricted address-restricted full-cone symmetric"
 RESERVED="pub wan lan eth"
 
@@ -102,7 +110,7 @@ load_node() {
     local f
     f="$(state_dir "$1")/node.$2"
     [ -f "$f" ] || die "lab $1 has no node '$2'"
-    NODE_KIND= NODE_IP= NODE_TYPE= NODE_LAN_NET= NODE_LAN_IP= NODE_PREFIX= NODE_DNAT_TO= NODE_ROUTER=
+    NODE_KIND= NODE_IP= NODE_IPT= NODE_TYPE= NODE_LAN_NET= NODE_LAN_IP= NODE_PREFIX= NODE_DNAT_TO= NODE_ROUTER=
     # shellcheck disable=SC1090
     . "$f"
 }
@@ -135,14 +143,23 @@ plug_public() {
     ip -n "$ns" -b - <<EOF
 addr add $ip/24 dev $inner
 link set $inner up
+route add $(other_prefix "$ip").0/24 dev $inner
 EOF
 }
 
+# The segment's other /24: both are on-link for every public host and router.
+other_prefix() {
+    if [[ $1 == "$GLOBAL_PREFIX".* ]]; then echo "$PUB_PREFIX"; else echo "$GLOBAL_PREFIX"; fi
+}
+
 valid_pub_ip() {
-    local n base
+    local n base p
     n=$(ip2int "$1")
-    base=$(ip2int "$PUB_PREFIX.0")
-    ((n > base && n < base + 254)) || die "'$1' is not a host address of $PUB_PREFIX.0/24 (.1-.253)"
+    for p in "$PUB_PREFIX" "$GLOBAL_PREFIX"; do
+        base=$(ip2int "$p.0")
+        ((n > base && n < base + 254)) && return 0
+    done
+    die "'$1' is not a host address of $PUB_PREFIX.0/24 or $GLOBAL_PREFIX.0/24 (.1-.253)"
 }
 
 record() { echo "$3" >"$(state_dir "$1")/node.$2"; }
@@ -181,6 +198,7 @@ cmd_up() {
     ip -n "$pub" -b - <<EOF
 link add $lab-pub type bridge
 addr add $PUB_DIAG_IP/24 dev $lab-pub
+addr add $GLOBAL_DIAG_IP/24 dev $lab-pub
 link set $lab-pub up
 EOF
     echo "lab $lab up: public segment $PUB_PREFIX.0/24 in namespace $pub"
@@ -350,7 +368,7 @@ cmd_forward() {
     [[ $port =~ ^[0-9]+$ ]] && ((port >= 1 && port <= 65535)) || die "PORT '$port'"
     ip2int "$lan_ip" >/dev/null
     ns=$(nsname "$lab" "$router")
-    ipt=$(lab_iptables "$lab")
+    ipt=${NODE_IPT:-$(lab_iptables "$lab")}
     local rules=(
         "-t nat NATLAB-DNAT -i $lab-wan -d $NODE_IP -p $proto --dport $port -j DNAT --to-destination $lan_ip:$port"
         "-t nat NATLAB-SNAT -o $lab-wan -s $lan_ip -p $proto --sport $port -j SNAT --to-source $NODE_IP:$port"
@@ -375,6 +393,68 @@ cmd_forward() {
     else
         echo "$router: $proto $NODE_IP:$port no longer forwarded"
     fi
+}
+
+# upnp: miniupnpd-iptables drives the legacy xtables (libiptc), and a packet must
+# pass both legacy and nft tables, so a UPnP router's rules all move to legacy.
+cmd_upnp() {
+    [ $# -eq 2 ] || die "usage: lab.sh upnp LAB ROUTER"
+    local lab=$1 router=$2 ns ipt dir conf pidf log legacy=iptables-legacy i
+    valid_lab "$lab"
+    require_up "$lab"
+    load_node "$lab" "$router"
+    [ "$NODE_KIND" = router ] || die "'$router' is not a router"
+    [[ $NODE_IP == "$GLOBAL_PREFIX".* ]] ||
+        die "router $router's WAN $NODE_IP is not global-looking: libp2p-upnp would refuse it (use $GLOBAL_PREFIX.0/24)"
+    [ -z "$NODE_IPT" ] || die "router $router runs UPnP already"
+    command -v miniupnpd >/dev/null || [ -x /usr/sbin/miniupnpd ] ||
+        die "miniupnpd not found (tests/setup/system.sh installs miniupnpd-iptables)"
+    command -v "$legacy-restore" >/dev/null || die "$legacy-restore not found"
+    ns=$(nsname "$lab" "$router")
+    ipt=$(lab_iptables "$lab")
+    dir=$(state_dir "$lab")
+    local wan=$lab-wan lan=$lab-lan
+    if [ "$ipt" != "$legacy" ]; then
+        ip netns exec "$ns" "$ipt" -w -P FORWARD ACCEPT
+        for i in nat filter; do
+            ip netns exec "$ns" "$ipt" -w -t "$i" -F
+            ip netns exec "$ns" "$ipt" -w -t "$i" -X
+        done
+    fi
+    {
+        router_rules "$NODE_TYPE" "$wan" "$NODE_IP" "$lan" "$NODE_LAN_NET" "$NODE_DNAT_TO" |
+            sed -e '/^\*nat$/a :MINIUPNPD - [0:0]\n:MINIUPNPD-POSTROUTING - [0:0]\n-A PREROUTING -i '"$wan"' -j MINIUPNPD\n-A POSTROUTING -o '"$wan"' -j MINIUPNPD-POSTROUTING' \
+                -e '/^\*filter$/a :MINIUPNPD - [0:0]\n-A FORWARD -i '"$wan"' ! -o '"$wan"' -j MINIUPNPD'
+        printf '*mangle\n:MINIUPNPD - [0:0]\n-A PREROUTING -i %s -j MINIUPNPD\nCOMMIT\n' "$wan"
+    } | ip netns exec "$ns" "$legacy-restore" -w
+    echo "NODE_IPT=$legacy" >>"$dir/node.$router"
+    conf=$dir/miniupnpd-$router.conf
+    pidf=$dir/miniupnpd-$router.pid
+    log=$dir/miniupnpd-$router.log
+    cat >"$conf" <<EOF
+ext_ifname=$wan
+listening_ip=$lan
+http_port=0
+enable_natpmp=no
+enable_upnp=yes
+secure_mode=yes
+system_uptime=yes
+notify_interval=60
+clean_ruleset_interval=600
+lease_file=$dir/miniupnpd-$router.leases
+uuid=$(cat /proc/sys/kernel/random/uuid)
+allow 1024-65535 $NODE_LAN_NET 1024-65535
+deny 0-65535 0.0.0.0/0 0-65535
+EOF
+    # -d keeps it in the foreground logging to stderr; setsid and the redirections
+    # detach it from the caller, which may be waiting for our output to close.
+    setsid ip netns exec "$ns" miniupnpd -d -f "$conf" -P "$pidf" </dev/null >"$log" 2>&1 &
+    for i in $(seq 100); do
+        grep -q "HTTP listening\|Listening for NAT-PMP\|SSDP" "$log" 2>/dev/null && break
+        kill -0 $! 2>/dev/null || die "miniupnpd died: $(cat "$log")"
+        sleep 0.05
+    done
+    echo "router $ns: miniupnpd on $lan for $NODE_LAN_NET, mapping on $wan $NODE_IP (log $log)"
 }
 
 cmd_exec() {
@@ -405,8 +485,11 @@ cmd_status() {
 
 cmd_down() {
     [ $# -eq 1 ] || die "usage: lab.sh down LAB"
-    local lab=$1 ns pids=() p i
+    local lab=$1 ns pids=() p i f
     valid_lab "$lab"
+    for f in "$(state_dir "$lab")"/miniupnpd-*.pid; do
+        [ -f "$f" ] && read -r p <"$f" && [[ $p =~ ^[0-9]+$ ]] && pids+=("$p")
+    done
     # A process left inside a namespace would keep it (and its veths) alive after
     # `ip netns del`: end the lab's processes first, by pid.
     for ns in $(lab_namespaces "$lab"); do
@@ -560,12 +643,13 @@ main() {
     router) cmd_router "$@" ;;
     peer) cmd_peer "$@" ;;
     forward | unforward) cmd_forward "$cmd" "$@" ;;
+    upnp) cmd_upnp "$@" ;;
     exec) cmd_exec "$@" ;;
     status) cmd_status "$@" ;;
     check) cmd_check "$@" ;;
     down) cmd_down "$@" ;;
     -h | --help | help) main ;;
-    *) die "unknown command '$cmd' (up host router peer forward unforward exec check status down)" ;;
+    *) die "unknown command '$cmd' (up host router peer forward unforward upnp exec check status down)" ;;
     esac
 }
 

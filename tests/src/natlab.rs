@@ -142,6 +142,29 @@ impl Lab {
         Ok(self.ns(peer))
     }
 
+    /// A port-restricted router with `wan_ip` (in 11.0.0.0/24, which libp2p-upnp takes
+    /// for global) running miniupnpd for 10.`net`.0.0/24, and one peer (10.`net`.0.2)
+    /// behind it. Returns the peer's namespace.
+    pub fn upnp_peer(&mut self, router: &str, peer: &str, wan_ip: &str, net: u8) -> Result<String> {
+        let ns = self.natted_peer(router, peer, wan_ip, net, Nat::PortRestricted)?;
+        self.sh(&["upnp", router])?;
+        Ok(ns)
+    }
+
+    /// The rules miniupnpd has installed on `router` for its mappings (the
+    /// `-A MINIUPNPD…` lines of `iptables-legacy-save`: a DNAT in nat, an ACCEPT in
+    /// filter per mapping). `-L` cannot show them: miniupnpd writes a DNAT target
+    /// revision this iptables prints as "unsupported".
+    pub fn upnp_mappings(&self, router: &str) -> Result<Vec<String>> {
+        let ns = self.ns(router);
+        let rules = sh(&["ip", "netns", "exec", &ns, "iptables-legacy-save"])?;
+        Ok(rules
+            .lines()
+            .filter(|l| l.starts_with("-A MINIUPNPD"))
+            .map(str::to_string)
+            .collect())
+    }
+
     /// The lab's self-check: the router maps and filters as its type says (needs two
     /// public hosts as observers). Returns its `checked:` lines.
     pub fn check(&self, router: &str, peer: &str) -> Result<String> {

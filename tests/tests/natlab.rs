@@ -135,6 +135,103 @@ async fn port_forward(lab: &mut Lab, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upnp_on_a_miniupnpd_router_maps_the_port_and_the_peer_is_confirmed_public() -> Result<()> {
+    let Some((dir, mut lab)) = lab_or_skip()? else {
+        return Ok(());
+    };
+    if skip_unless(
+        natlab::sh(&[
+            "sh",
+            "-c",
+            "command -v miniupnpd || test -x /usr/sbin/miniupnpd",
+        ])
+        .is_ok(),
+        "the UPnP lab router (miniupnpd; tests/setup/system.sh installs it)",
+    ) {
+        return Ok(());
+    }
+    let result = upnp(&mut lab, dir.path()).await;
+    report(&lab, dir, &result, &["boot", "s1", "s2", "s3", "pu", "pn"]);
+    result
+}
+
+async fn upnp(lab: &mut Lab, dir: &Path) -> Result<()> {
+    let (bootnode, _) = public_side(lab, dir, &["--reach-probe-interval", "30s"]).await?;
+    // Two UPnP routers, with a peer each: pu asks for a mapping, pn (--no-upnp) does
+    // not, so what makes pu public is the mapping and not the router.
+    let pu = lab.upnp_peer("ru", "pu", "11.0.0.41", 4)?;
+    let pn = lab.upnp_peer("rn", "pn", "11.0.0.42", 5)?;
+    print!("{}", lab.check("ru", "pu")?);
+    let started = std::time::Instant::now();
+    let bin = servant_bin();
+    // As in the port-forward test: long enough for a round to gather three failed
+    // dial-backs through a NAT that drops them.
+    let probe = ["--reach-probe-interval", "20s"];
+    let with_upnp = [probe[0], probe[1], "--upnp", "true"];
+    lab.spawn(
+        &pu,
+        "pu",
+        &bin,
+        &node_args(dir, "pu", Some(&bootnode), &with_upnp),
+    )?;
+    lab.spawn(
+        &pn,
+        "pn",
+        &bin,
+        &node_args(dir, "pn", Some(&bootnode), &probe),
+    )?;
+    let mapping = eventually(
+        Duration::from_secs(30),
+        "miniupnpd on ru to map port 4001 (tcp and udp) to pu",
+        || async {
+            let rules = lab.upnp_mappings("ru")?;
+            let mapped = ["tcp", "udp"].iter().all(|p| {
+                let has = |want: &str| rules.iter().any(|r| r.contains(want));
+                has(&format!("-p {p} -m {p} --dport 4001 -j DNAT"))
+                    && has(&format!(
+                        "-d 10.4.0.2/32 -p {p} -m {p} --dport 4001 -j ACCEPT"
+                    ))
+            });
+            Ok(mapped.then_some(rules))
+        },
+    )
+    .await?;
+    println!(
+        "checked: miniupnpd on ru maps 4001 to pu after {:.1} s:\n  {}",
+        started.elapsed().as_secs_f64(),
+        mapping.join("\n  ")
+    );
+    let pu = vec![pu];
+    until_state(lab, &pu, "public", "super", 80).await?;
+    let public_after = started.elapsed();
+    let view = reach(lab, &pu[0])?;
+    let wan: Vec<_> = view
+        .confirmed_addrs
+        .iter()
+        .filter(|a| a.starts_with("/ip4/11.0.0.41/"))
+        .collect();
+    if wan.is_empty() || !view.upnp.starts_with("mapped") {
+        bail!(
+            "pu is public but its mapped WAN address is not confirmed or UPnP is not `mapped`: {view:?}"
+        );
+    }
+    println!(
+        "checked: pu became public and a super-peer {:.1} s after it started, confirmed {wan:?} (upnp {}, {})",
+        public_after.as_secs_f64(),
+        view.upnp,
+        view.reason
+    );
+    let pn = vec![pn];
+    until_state(lab, &pn, "private", "peer", 60).await?;
+    let mappings = lab.upnp_mappings("rn")?;
+    if !mappings.is_empty() {
+        bail!("rn mapped a port for pn, which runs --no-upnp: {mappings:?}");
+    }
+    println!("checked: pn behind the same kind of router with --no-upnp is private and a peer");
+    Ok(())
+}
+
 /// The command line of a lab node `name`.
 fn node_args(dir: &Path, name: &str, bootnode: Option<&str>, extra: &[&str]) -> Vec<String> {
     let upnp = if extra.contains(&"--upnp") {
