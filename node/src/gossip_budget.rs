@@ -278,15 +278,20 @@ impl NetworkBehaviour for Budgeted {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_bucket_refills_at_its_rate_up_to_its_burst() {
+    /// Servant's gossipsub with a budget of `burst` and `rate`.
+    fn budgeted(burst: u32, rate: u32) -> Result<Budgeted, crate::behaviour::BehaviourError> {
         let key = libp2p::identity::Keypair::generate_ed25519();
         let mut registry = prometheus_client::registry::Registry::default();
-        let inner = crate::behaviour::build_gossipsub(&key, &mut registry, true)
-            .expect("the default gossipsub config builds");
+        let inner = crate::behaviour::build_gossipsub(&key, &mut registry, true)?;
+        Ok(Budgeted::new(inner, burst, rate, Counter::default()))
+    }
+
+    #[test]
+    fn the_bucket_refills_at_its_rate_up_to_its_burst(
+    ) -> Result<(), crate::behaviour::BehaviourError> {
         const BURST: usize = 20_000;
         const RATE: usize = 2_000;
-        let mut b = Budgeted::new(inner, BURST as u32, RATE as u32, Counter::default());
+        let mut b = budgeted(BURST as u32, RATE as u32)?;
         let peer = PeerId::random();
         let t = Instant::now();
         assert!(b.charge(peer, BURST, t));
@@ -299,15 +304,13 @@ mod tests {
         let much_later = later + std::time::Duration::from_secs(3600);
         assert!(b.charge(peer, BURST, much_later));
         assert!(!b.charge(peer, 1, much_later));
+        Ok(())
     }
 
     #[test]
-    fn a_flooder_is_refused_for_its_penalty_and_the_list_stays_capped() {
-        let key = libp2p::identity::Keypair::generate_ed25519();
-        let mut registry = prometheus_client::registry::Registry::default();
-        let inner = crate::behaviour::build_gossipsub(&key, &mut registry, true)
-            .expect("the default gossipsub config builds");
-        let mut b = Budgeted::new(inner, 10, 1, Counter::default());
+    fn a_flooder_is_refused_for_its_penalty_and_the_list_stays_capped(
+    ) -> Result<(), crate::behaviour::BehaviourError> {
+        let mut b = budgeted(10, 1)?;
         let flooder = PeerId::random();
         b.penalize(flooder, Instant::now());
         assert!(
@@ -329,5 +332,6 @@ mod tests {
         }
         assert_eq!(b.penalized.len(), MAX_PENALIZED);
         assert!(!b.penalized.contains_key(&first));
+        Ok(())
     }
 }
