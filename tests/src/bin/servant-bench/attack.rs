@@ -10,7 +10,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
     sync::{atomic::Ordering, Arc},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -216,9 +216,7 @@ pub async fn run(params: &AttackParams, out: &Path) -> Result<AttackReport> {
 
     let report = AttackReport {
         benchmark: "attack",
-        finished_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        finished_unix: crate::unix_now(),
         machine: Machine::detect(),
         params: params.clone(),
         p50_ratio: flooded.p50_ms / quiet.p50_ms,

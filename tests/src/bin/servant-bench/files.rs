@@ -12,7 +12,7 @@ use std::{
     io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Context, Result};
@@ -186,9 +186,7 @@ pub fn run(params: &FilesParams, out: &Path) -> Result<FilesReport> {
     let all_targets_met = comparison.iter().all(|r| r.pass != Some(false));
     let report = FilesReport {
         benchmark: "files",
-        finished_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        finished_unix: crate::unix_now(),
         machine: process::Machine::detect(),
         params: params.clone(),
         method: files_report::METHOD.to_vec(),

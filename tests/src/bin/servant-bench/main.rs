@@ -327,6 +327,14 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
         .with_context(|| format!("write {}", path.display()))
 }
 
+/// Seconds since the Unix epoch, for a report's `finished_unix` (0 if the clock is
+/// before 1970).
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Writes a report as JSON to `out` and its table beside it (`.txt`), and prints both
 /// places and the table.
 fn publish(out: &Path, report: &impl serde::Serialize, table: &str) -> Result<()> {
@@ -386,9 +394,7 @@ fn gossip(params: &Params, out: &Path) -> Result<Report> {
     let all_targets_met = comparison.iter().all(|r| r.pass != Some(false));
     let report = Report {
         benchmark: "gossip",
-        finished_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        finished_unix: unix_now(),
         machine: process::Machine::detect(),
         params: params.clone(),
         planned_edges: planned.len(),

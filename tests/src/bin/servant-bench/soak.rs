@@ -25,7 +25,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
@@ -559,9 +559,7 @@ pub async fn run(params: &SoakParams, out: &Path) -> Result<SoakReport> {
     };
     let report = SoakReport {
         benchmark: "soak",
-        finished_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        finished_unix: crate::unix_now(),
         machine: Machine::detect(),
         params: params.clone(),
         servant_bin: bin,
