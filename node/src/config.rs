@@ -112,6 +112,9 @@ pub struct Config {
     /// 128 KiB per circuit: enough to hole-punch) or `data` (longer, larger circuits,
     /// for peers that cannot hole-punch).
     pub relay_profile: RelayProfile,
+    /// Bytes per second a data-profile relay reads from one peer while that peer has a
+    /// circuit through it (all its circuits and streams together); 0 means no limit.
+    pub relay_rate_per_peer: ByteSize,
     /// How often reachability is probed again from scratch.
     pub reach_probe_interval: HumanDuration,
     /// Ask the local gateway (a home router) to forward the p2p ports by UPnP. A mapped
@@ -160,6 +163,7 @@ impl Default for Config {
             reprovide_interval: HumanDuration(Duration::from_secs(3600)),
             role: crate::role::RoleSetting::Auto,
             relay_profile: RelayProfile::Signaling,
+            relay_rate_per_peer: ByteSize(DATA_RELAY_RATE_PER_PEER),
             reach_probe_interval: HumanDuration(Duration::from_secs(600)),
             upnp: true,
             log_level: "info".to_string(),
@@ -184,6 +188,10 @@ pub const DATA_RELAY_MAX_CIRCUITS: usize = 64;
 pub const DATA_RELAY_CIRCUIT_DURATION: Duration = Duration::from_secs(3600);
 /// Bytes a data-profile circuit may carry (each direction).
 pub const DATA_RELAY_CIRCUIT_BYTES: u64 = 1 << 30;
+/// Bytes per second a data-profile relay reads from one peer with circuits: with
+/// [`DATA_RELAY_MAX_CIRCUITS`] busy, 64 MiB/s at most, so no one peer can take a
+/// volunteer relay's whole uplink.
+pub const DATA_RELAY_RATE_PER_PEER: u64 = 1 << 20;
 
 impl RelayProfile {
     /// The relay server's limits for this profile.
@@ -512,6 +520,11 @@ pub struct RunArgs {
     #[arg(long, env = "SERVANT_RELAY_PROFILE", value_name = "PROFILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay_profile: Option<RelayProfile>,
+    /// Bytes per second a data-profile relay takes from one peer with circuits, 0 for no
+    /// limit [default: 1MiB].
+    #[arg(long, env = "SERVANT_RELAY_RATE_PER_PEER", value_name = "SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_rate_per_peer: Option<ByteSize>,
     /// Period of reachability re-probes [default: 10m].
     #[arg(long, env = "SERVANT_REACH_PROBE_INTERVAL", value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -33,7 +33,7 @@ use libp2p::{
 };
 use prometheus_client::metrics::counter::Counter;
 
-use crate::behaviour::Gossipsub;
+use crate::{behaviour::Gossipsub, token_bucket::TokenBucket};
 
 /// How long a peer disconnected for a control flood is refused afterwards. Without
 /// it, a flooder that redials starts over with a full burst and costs the node a
@@ -60,16 +60,10 @@ impl std::error::Error for FloodingPeer {}
 /// What gossipsub's connection handler reports to its behaviour.
 type HandlerEvent = THandlerOutEvent<Gossipsub>;
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
-}
-
 /// Gossipsub with a per-peer budget for control traffic; derefs to gossipsub.
 pub struct Budgeted {
     inner: Gossipsub,
-    buckets: HashMap<PeerId, Bucket>,
+    buckets: HashMap<PeerId, TokenBucket>,
     /// Peers that overdrew their budget, to be disconnected.
     to_close: Vec<PeerId>,
     /// Peers being disconnected: what they still send is dropped, and counted once.
@@ -133,15 +127,11 @@ impl Budgeted {
 
     /// Charges `peer` for `cost` at `now`; false when its budget is overdrawn.
     fn charge(&mut self, peer: PeerId, cost: usize, now: Instant) -> bool {
-        let bucket = self.buckets.entry(peer).or_insert(Bucket {
-            tokens: self.burst,
-            updated: now,
-        });
-        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
-        bucket.updated = now;
-        bucket.tokens -= cost as f64;
-        bucket.tokens >= 0.0
+        let (rate, burst) = (self.rate, self.burst);
+        self.buckets
+            .entry(peer)
+            .or_insert_with(|| TokenBucket::full(rate, burst, now))
+            .charge(cost as f64, now)
     }
 }
 

@@ -47,6 +47,7 @@ pub mod peer_manager;
 pub mod provider_store;
 pub mod reach;
 pub mod refusals;
+pub mod relay_throttle;
 pub mod relays;
 pub mod role;
 pub mod search;
@@ -54,6 +55,7 @@ pub mod slow_peers;
 pub mod store;
 pub mod subscription_cap;
 pub mod swarm;
+pub mod token_bucket;
 pub mod traversal;
 pub mod upnp;
 

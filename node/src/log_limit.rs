@@ -17,6 +17,8 @@ use std::{
 };
 
 use tracing::{callsite::Identifier, Event, Metadata};
+
+use crate::token_bucket::TokenBucket;
 use tracing_subscriber::layer::{Context, Filter};
 
 /// Lines one callsite may write at once after a quiet spell.
@@ -35,11 +37,6 @@ pub fn suppressed() -> u64 {
     SUPPRESSED.load(Ordering::Relaxed)
 }
 
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
 /// The per-callsite limiter, as a `tracing_subscriber` filter.
 #[derive(Default)]
 pub struct LogLimit {
@@ -48,7 +45,7 @@ pub struct LogLimit {
 
 /// One token bucket per key: a callsite in the node, anything hashable in tests.
 struct Buckets<K> {
-    map: Mutex<HashMap<K, Bucket>>,
+    map: Mutex<HashMap<K, TokenBucket>>,
 }
 
 impl<K> Default for Buckets<K> {
@@ -70,15 +67,10 @@ impl<K: std::hash::Hash + Eq> Buckets<K> {
         if map.len() >= MAX_CALLSITES && !map.contains_key(&key) {
             return true;
         }
-        let bucket = map.entry(key).or_insert(Bucket {
-            tokens: BURST,
-            last: now,
-        });
-        let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * PER_SECOND).min(BURST);
-        bucket.last = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+        let bucket = map
+            .entry(key)
+            .or_insert_with(|| TokenBucket::full(PER_SECOND, BURST, now));
+        if bucket.take(1.0, now) {
             true
         } else {
             SUPPRESSED.fetch_add(1, Ordering::Relaxed);

@@ -149,6 +149,8 @@ pub struct NatMetrics {
     pub relay_denied: Family<ReasonLabel, Counter>,
     /// Circuits this node's relay carries now.
     pub circuits_served: Gauge,
+    /// Reads from peers with circuits held back by the data profile's per-peer rate.
+    pub relay_throttle_waits: Counter,
     /// Hole punches attempted (DCUtR on a relayed connection).
     pub holepunch_attempts: Counter,
     /// Hole-punch outcomes, by result (`direct`, `failed`).
@@ -171,6 +173,7 @@ impl NatMetrics {
             reservations_served: Gauge::default(),
             relay_denied: Family::default(),
             circuits_served: Gauge::default(),
+            relay_throttle_waits: Counter::default(),
             holepunch_attempts: Counter::default(),
             holepunch_results: Family::default(),
             time_to_direct: Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
@@ -231,6 +234,11 @@ impl NatMetrics {
             "relay_circuits_served",
             "Circuits this node's relay carries",
             m.circuits_served.clone(),
+        );
+        r.register(
+            "relay_throttle_waits",
+            "Reads from peers with circuits held back by relay_rate_per_peer",
+            m.relay_throttle_waits.clone(),
         );
         r.register(
             "holepunch_attempts",

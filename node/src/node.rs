@@ -17,13 +17,14 @@ use tokio::{
 use crate::{
     api::{self, Api, ApiError, FilesState},
     client::{Client, COMMAND_QUEUE},
-    config::Config,
+    config::{Config, RelayProfile},
     datadir::{DataDir, DataDirError},
     deny::{BansFileError, DenyList},
     event_loop::{EventLoop, Health, ListenFailed, Parts},
     fetch::FetchContext,
     identity::{self, IdentityError},
     metrics::Metrics,
+    relay_throttle::RelayThrottle,
     store::{Store, StoreError},
     swarm::{self, SwarmError},
 };
@@ -94,7 +95,21 @@ impl Node {
         let metrics = Metrics::register(&mut registry);
         let files_metrics = metrics.files.clone();
         let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
-        let swarm = swarm::build(key, &config, deny_list, &mut registry)?;
+        let relay_throttle = (config.relay_profile == RelayProfile::Data
+            && config.relay_rate_per_peer.get() > 0)
+            .then(|| {
+                RelayThrottle::new(
+                    config.relay_rate_per_peer.get(),
+                    metrics.nat.relay_throttle_waits.clone(),
+                )
+            });
+        let swarm = swarm::build(
+            key,
+            &config,
+            deny_list,
+            relay_throttle.clone(),
+            &mut registry,
+        )?;
 
         let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
         let (health_tx, health_rx) = watch::channel(Health {
@@ -114,6 +129,7 @@ impl Node {
                 metrics,
                 libp2p_metrics,
                 health: health_tx,
+                relay_throttle,
                 store: store.clone(),
             },
             &config,

@@ -15,7 +15,9 @@ use libp2p::{
 };
 use prometheus_client::registry::Registry;
 
-use crate::{behaviour::Behaviour, config::Config, deny::DenyList};
+use std::sync::Arc;
+
+use crate::{behaviour::Behaviour, config::Config, deny::DenyList, relay_throttle::RelayThrottle};
 
 /// Why the swarm could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,7 @@ pub fn build(
     key: Keypair,
     config: &Config,
     deny_list: DenyList,
+    throttle: Option<Arc<RelayThrottle>>,
     registry: &mut Registry,
 ) -> Result<Swarm<Behaviour>, SwarmError> {
     let psk = match &config.psk_file {
@@ -53,7 +56,8 @@ pub fn build(
     let builder = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_other_transport(|key| {
-            transport(key, psk).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            transport(key, psk, throttle)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         })
         .map_err(|e| SwarmError::Tcp(e.to_string()))?
         .with_dns()
@@ -72,10 +76,12 @@ pub fn build(
 }
 
 /// TCP (noise, yamux) and QUIC; in a private network (`psk`), TCP behind the
-/// pre-shared key's handshake and no QUIC, which has no place for it.
+/// pre-shared key's handshake and no QUIC, which has no place for it. With a relay
+/// `throttle`, every connection's reads go through its peer's gate.
 fn transport(
     key: &Keypair,
     psk: Option<PreSharedKey>,
+    throttle: Option<Arc<RelayThrottle>>,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, noise::Error> {
     let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
     let tcp = match psk {
@@ -97,6 +103,12 @@ fn transport(
     };
     Ok(quic
         .or_transport(tcp)
-        .map(|either, _| either.into_inner())
+        .map(move |either, _| {
+            let (peer, muxer) = either.into_inner();
+            match &throttle {
+                Some(t) => (peer, t.wrap(peer, muxer)),
+                None => (peer, muxer),
+            }
+        })
         .boxed())
 }

@@ -439,9 +439,20 @@ async fn a_symmetric_nat_gets_no_direct_connection_but_relays_carry_broadcasts_a
     result
 }
 
+/// The data relay's per-peer rate in the symmetric-NAT test.
+const RELAY_RATE: &str = "512KiB";
+
 async fn symmetric(lab: &mut Lab, dir: &Path) -> Result<()> {
-    // Super-peers offer the data relay profile: the only way between pc and pd.
-    let public_extra = ["--relay-profile", "data", "--topic", "t"];
+    // Super-peers offer the data relay profile: the only way between pc and pd. Its
+    // per-peer rate is lowered so the file below takes seconds, not milliseconds.
+    let public_extra = [
+        "--relay-profile",
+        "data",
+        "--relay-rate-per-peer",
+        RELAY_RATE,
+        "--topic",
+        "t",
+    ];
     let (bootnode, hosts) = public_side(lab, dir, &public_extra).await?;
     let pc = lab.natted_peer("rc", "pc", "198.18.0.41", 4, Nat::Symmetric)?;
     let pd = lab.natted_peer("rd", "pd", "198.18.0.42", 5, Nat::PortRestricted)?;
@@ -525,14 +536,29 @@ async fn symmetric(lab: &mut Lab, dir: &Path) -> Result<()> {
     let expected = servant_tests::random_file(&src, 3 << 20, 7)?;
     let id = share_in(lab, &pd, &src)?;
     let dest = dir.join("fetched.bin");
+    let started = std::time::Instant::now();
     let out = lab.run(
         &pc,
         &bin,
         &["fetch", &id, "-o", dest.to_str().context("path")?, "--json"],
     )?;
+    let took = started.elapsed().as_secs_f64();
     assert!(out.contains("\"finished\""), "{out}");
     assert_eq!(servant_tests::hash_file(&dest)?, expected);
     println!("checked: pc fetched pd's 3 MiB file byte-identical through a data-profile relay");
+    // pd's 3 MiB cross the relay at 512 KiB/s after a burst of one second's worth:
+    // at least 5 s. Unthrottled, the lab's veths move them in well under a second.
+    let mut waits = 0.0;
+    for host in &hosts {
+        waits += metric(host, "servant_relay_throttle_waits_total")?;
+    }
+    println!("measured: the relayed fetch took {took:.1} s; relays held back {waits} reads");
+    assert!(
+        took >= 4.0,
+        "a 3 MiB relayed fetch at {RELAY_RATE}/s took {took:.1} s"
+    );
+    assert!(waits > 0.0, "no relay read was held back");
+    println!("checked: the data-profile relay held pd to its per-peer rate");
     Ok(())
 }
 
