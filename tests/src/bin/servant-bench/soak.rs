@@ -103,6 +103,11 @@ pub struct SoakParams {
     /// Seed of the churn and load choices.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// A criterion known to fail (the start of its name), repeatable: still measured
+    /// and reported, but it neither fails `--check` nor keeps the nodes' directories.
+    #[arg(long = "known-failing", value_name = "NAME")]
+    #[serde(default)]
+    pub known_failing: Vec<String>,
 }
 
 /// One scrape of one measured node.
@@ -227,6 +232,8 @@ pub struct Criterion {
     pub target: &'static str,
     /// Whether it was met.
     pub pass: bool,
+    /// Named by `--known-failing`: reported, not asserted.
+    pub known_failing: bool,
 }
 
 /// The whole report, as written to the JSON file.
@@ -248,6 +255,8 @@ pub struct SoakReport {
     pub criteria: Vec<Criterion>,
     /// Whether every criterion was met.
     pub all_criteria_met: bool,
+    /// Whether every criterion not named by `--known-failing` was met.
+    pub asserted_criteria_met: bool,
     /// Seconds of load and churn actually run.
     pub load_secs: f64,
     /// Seconds the measured nodes took to come back to baseline, if they did.
@@ -548,9 +557,18 @@ pub async fn run(params: &SoakParams, out: &Path) -> Result<SoakReport> {
             )
         })
         .collect();
-    let criteria = criteria(&nodes, panics_in_logs);
+    let mut criteria = criteria(&nodes, panics_in_logs);
+    for c in &mut criteria {
+        c.known_failing = params
+            .known_failing
+            .iter()
+            .any(|k| c.name.starts_with(k.as_str()));
+    }
     let all_criteria_met = criteria.iter().all(|c| c.pass);
-    let kept_logs = if all_criteria_met {
+    let asserted_criteria_met = criteria.iter().all(|c| c.pass || c.known_failing);
+    // Directories of hours of churn are large: kept only when an asserted criterion
+    // failed, the case someone has to look into.
+    let kept_logs = if asserted_criteria_met {
         net.pass();
         None
     } else {
@@ -566,6 +584,7 @@ pub async fn run(params: &SoakParams, out: &Path) -> Result<SoakReport> {
         method: METHOD.to_vec(),
         criteria,
         all_criteria_met,
+        asserted_criteria_met,
         load_secs,
         settled_after_secs,
         load,
@@ -1136,6 +1155,7 @@ fn criteria(nodes: &[NodeFigures], panics_in_logs: u64) -> Vec<Criterion> {
         node,
         target,
         pass,
+        known_failing: false,
     };
     let slope = worst(&|n| n.rss_slope_mib_per_10_min);
     let growth = worst(&|n| n.rss_growth_pct);
@@ -1297,17 +1317,22 @@ pub fn table(r: &SoakReport) -> String {
             c.node.clone(),
             String::new(),
             c.target.into(),
-            if c.pass { "PASS" } else { "FAIL" }.into(),
+            match (c.pass, c.known_failing) {
+                (true, _) => "PASS",
+                (false, false) => "FAIL",
+                (false, true) => "FAIL (known)",
+            }
+            .into(),
         ]);
     }
     report::write_table(&mut out, &lines);
     let _ = writeln!(
         out,
         "\n{}",
-        if r.all_criteria_met {
-            "all criteria met"
-        } else {
-            "CRITERIA MISSED"
+        match (r.all_criteria_met, r.asserted_criteria_met) {
+            (true, _) => "all criteria met",
+            (false, true) => "criteria missed, all of them known to fail (--known-failing)",
+            (false, false) => "CRITERIA MISSED",
         }
     );
     if let Some(dir) = &r.kept_logs {
