@@ -53,6 +53,7 @@ pub mod role;
 pub mod search;
 pub mod slow_peers;
 pub mod store;
+pub mod stream_count;
 pub mod subscription_cap;
 pub mod swarm;
 pub mod token_bucket;

@@ -58,7 +58,7 @@ pub struct ReasonLabel {
 /// Label for a family split by one of Servant's protocols (a fixed name).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtocolLabel {
-    /// `gossipsub` or `file`.
+    /// A fixed name: `gossipsub` or `file`, or one of [`crate::stream_count::KNOWN`].
     pub protocol: &'static str,
 }
 
@@ -108,6 +108,8 @@ pub struct Metrics {
     pub ping_failures: Counter,
     /// Peers disconnected for not reading what the node sent, by protocol.
     pub slow_peers_dropped: Family<ProtocolLabel, Counter>,
+    /// Open streams on direct connections, by negotiated protocol.
+    pub streams: crate::stream_count::StreamGauge,
     /// Provider records pushed by peers that the store refused (over its caps).
     pub kad_provider_records_refused: Counter,
     /// Time from a broadcast's origin time to its delivery here.
@@ -456,6 +458,7 @@ impl Metrics {
             peers_trimmed: Counter::default(),
             ping_failures: Counter::default(),
             slow_peers_dropped: Family::default(),
+            streams: Family::default(),
             kad_provider_records_refused: Counter::default(),
             message_latency: Histogram::new([
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -535,6 +538,21 @@ impl Metrics {
             "kad_provider_records_refused",
             "Provider records pushed by peers that the store refused (over its caps)",
             metrics.kad_provider_records_refused.clone(),
+        );
+        for protocol in crate::stream_count::KNOWN.iter().chain([
+            &crate::stream_count::NEGOTIATING,
+            &crate::stream_count::OTHER,
+        ]) {
+            metrics
+                .streams
+                .get_or_create(&ProtocolLabel { protocol })
+                .set(0);
+        }
+        r.register(
+            "streams",
+            "Open streams on direct connections, by the protocol proposed first \
+             (negotiating: none yet; other: one Servant does not speak)",
+            metrics.streams.clone(),
         );
         r.register(
             "slow_peers_dropped",

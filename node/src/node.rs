@@ -108,6 +108,7 @@ impl Node {
             &config,
             deny_list,
             relay_throttle.clone(),
+            metrics.streams.clone(),
             &mut registry,
         )?;
 

@@ -17,7 +17,13 @@ use prometheus_client::registry::Registry;
 
 use std::sync::Arc;
 
-use crate::{behaviour::Behaviour, config::Config, deny::DenyList, relay_throttle::RelayThrottle};
+use crate::{
+    behaviour::Behaviour,
+    config::Config,
+    deny::DenyList,
+    relay_throttle::RelayThrottle,
+    stream_count::{self, StreamGauge},
+};
 
 /// Why the swarm could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +51,7 @@ pub fn build(
     config: &Config,
     deny_list: DenyList,
     throttle: Option<Arc<RelayThrottle>>,
+    streams: StreamGauge,
     registry: &mut Registry,
 ) -> Result<Swarm<Behaviour>, SwarmError> {
     let psk = match &config.psk_file {
@@ -56,7 +63,7 @@ pub fn build(
     let builder = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_other_transport(|key| {
-            transport(key, psk, throttle)
+            transport(key, psk, throttle, streams.clone())
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         })
         .map_err(|e| SwarmError::Tcp(e.to_string()))?
@@ -77,11 +84,13 @@ pub fn build(
 
 /// TCP (noise, yamux) and QUIC; in a private network (`psk`), TCP behind the
 /// pre-shared key's handshake and no QUIC, which has no place for it. With a relay
-/// `throttle`, every connection's reads go through its peer's gate.
+/// `throttle`, every connection's reads go through its peer's gate. Every stream is
+/// counted in `streams`.
 fn transport(
     key: &Keypair,
     psk: Option<PreSharedKey>,
     throttle: Option<Arc<RelayThrottle>>,
+    streams: StreamGauge,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, noise::Error> {
     let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
     let tcp = match psk {
@@ -105,6 +114,7 @@ fn transport(
         .or_transport(tcp)
         .map(move |either, _| {
             let (peer, muxer) = either.into_inner();
+            let muxer = stream_count::wrap(muxer, streams.clone());
             match &throttle {
                 Some(t) => (peer, t.wrap(peer, muxer)),
                 None => (peer, muxer),

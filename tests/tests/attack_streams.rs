@@ -11,7 +11,9 @@
 //! wire which streams the node took up (answered the header) and when it reset them.
 //! The node may end the connection once its pings go unanswered (20 s in); all 10,000
 //! streams must have been opened by then. A burst of 1,000 streams at once on a second
-//! connection, past yamux's cap, follows: what the node does with it is printed. Throughout, the node's resident memory grows
+//! connection, past yamux's cap, follows: what the node does with it is printed. The
+//! node's own count of streams still negotiating (`servant_streams{protocol="negotiating"}`)
+//! stays within that cap and is back to 0 afterwards. Throughout, the node's resident memory grows
 //! by at most 32 MiB; afterwards it is live and two honest nodes still exchange
 //! broadcasts.
 
@@ -164,6 +166,12 @@ async fn mesh_peers(net: &Net, i: usize) -> Result<usize> {
         .map_or(0, |t| t.mesh_peers))
 }
 
+/// The node's `servant_streams{protocol="negotiating"}`.
+async fn negotiating(metrics_url: &str) -> Option<f64> {
+    let text = reqwest::get(metrics_url).await.ok()?.text().await.ok()?;
+    servant_tests::metric_value(&text, "servant_streams{protocol=\"negotiating\"}")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_flood_stays_within_the_caps() -> Result<()> {
     let mut net = honest_pair().await?;
@@ -190,12 +198,22 @@ async fn stream_flood_stays_within_the_caps() -> Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let max_rss = Arc::new(AtomicU64::new(base_rss));
+    let max_negotiating = Arc::new(AtomicU64::new(0));
     let watch = {
         let (stop, max_rss) = (stop.clone(), max_rss.clone());
+        let (max_negotiating, metrics) = (max_negotiating.clone(), net[0].api_url() + "/metrics");
         tokio::spawn(async move {
+            let mut scraped = Instant::now() - Duration::from_secs(1);
             while !stop.load(Ordering::Relaxed) {
                 if let Ok(n) = proc.rss() {
                     max_rss.fetch_max(n, Ordering::Relaxed);
+                }
+                // The node's own count of streams still negotiating, as it exports it.
+                if scraped.elapsed() >= Duration::from_millis(250) {
+                    scraped = Instant::now();
+                    if let Some(n) = negotiating(&metrics).await {
+                        max_negotiating.fetch_max(n as u64, Ordering::Relaxed);
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -384,6 +402,28 @@ async fn stream_flood_stays_within_the_caps() -> Result<()> {
         "resident memory grew {:.1} MiB",
         mib(growth)
     );
+
+    let peak_negotiating = max_negotiating.load(Ordering::Relaxed);
+    println!(
+        "checked: the node's servant_streams{{protocol=\"negotiating\"}} peaked at \
+         {peak_negotiating} (at most {MAX_NEGOTIATING} per connection, one hostile connection \
+         at a time)"
+    );
+    ensure!(
+        peak_negotiating > 0 && peak_negotiating as usize <= MAX_NEGOTIATING + 8,
+        "servant_streams negotiating peaked at {peak_negotiating}"
+    );
+    let metrics = net[0].api_url() + "/metrics";
+    eventually(
+        Duration::from_secs(15),
+        "no stream left negotiating",
+        || {
+            let metrics = metrics.clone();
+            async move { Ok((negotiating(&metrics).await == Some(0.0)).then_some(())) }
+        },
+    )
+    .await?;
+    println!("checked: after the flood no stream is left negotiating");
 
     ensure!(net[0].livez().await, "the target stopped answering /livez");
     for (from, sub) in [(1, &mut sub_a), (0, &mut sub_b)] {

@@ -295,8 +295,8 @@ pub fn cells(
 
 /// Writes `lines` (the first is the header) as aligned columns, text left and
 /// numbers right, with a rule under the header.
-pub fn write_table(out: &mut String, lines: &[[String; 6]]) {
-    let mut widths = [0usize; 6];
+pub fn write_table<const N: usize>(out: &mut String, lines: &[[String; N]]) {
+    let mut widths = [0usize; N];
     for line in lines {
         for (w, cell) in widths.iter_mut().zip(line) {
             *w = (*w).max(cell.len());

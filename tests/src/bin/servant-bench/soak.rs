@@ -17,6 +17,7 @@
 //! ```
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     fs::File,
     path::{Path, PathBuf},
@@ -135,6 +136,10 @@ pub struct Sample {
     pub dials: f64,
     /// `servant_dial_failures_total`, every purpose.
     pub dial_failures: f64,
+    /// `servant_streams`, every protocol.
+    pub streams: f64,
+    /// `servant_streams` by protocol (protocols with none left out).
+    pub streams_by_protocol: BTreeMap<String, f64>,
 }
 
 /// What one measured node did.
@@ -171,6 +176,16 @@ pub struct NodeFigures {
     pub max_connections: f64,
     /// Most live tasks seen.
     pub max_tasks: f64,
+    /// Open streams, connected and idle before the churn (floor of the baseline scrapes).
+    pub baseline_streams: f64,
+    /// Open streams at the end of the settle phase (floor of the last 5 scrapes).
+    pub final_streams: f64,
+    /// Most open streams seen.
+    pub max_streams: f64,
+    /// Open streams by protocol in the scrape with the most.
+    pub streams_at_max: BTreeMap<String, f64>,
+    /// Open streams by protocol in the last scrape.
+    pub streams_at_end: BTreeMap<String, f64>,
     /// Panics the node counted.
     pub panics: f64,
     /// Scrapes that failed (timeouts under load count here).
@@ -778,6 +793,11 @@ impl Proc {
             panics: value("servant_panics_total"),
             dials: value("servant_dials_total"),
             dial_failures: value("servant_dial_failures_total"),
+            streams: value("servant_streams"),
+            streams_by_protocol: openmetrics::by_label(&text, "servant_streams", "protocol")
+                .into_iter()
+                .filter(|(_, n)| *n != 0.0)
+                .collect(),
         })
     }
 }
@@ -1112,6 +1132,14 @@ fn figures(
         .iter()
         .map(|s| s.open_fds - (FDS_PER_CONNECTION * s.connections + FDS_HEADROOM))
         .fold(f64::NEG_INFINITY, f64::max);
+    let least_streams = |window: &mut dyn Iterator<Item = &&Sample>| {
+        window.map(|s| s.streams).fold(f64::INFINITY, f64::min)
+    };
+    let baseline_streams = least_streams(&mut samples.iter().filter(|s| s.phase == "baseline"));
+    let final_streams = least_streams(&mut samples.iter().rev().take(FLOOR_WINDOW));
+    let peak = samples
+        .iter()
+        .max_by(|a, b| a.streams.total_cmp(&b.streams));
     NodeFigures {
         node: node.name.clone(),
         baseline_fds,
@@ -1128,6 +1156,16 @@ fn figures(
         max_fds: max(|s| s.open_fds),
         max_connections: max(|s| s.connections),
         max_tasks: max(|s| s.tasks),
+        baseline_streams,
+        final_streams,
+        max_streams: max(|s| s.streams),
+        streams_at_max: peak
+            .map(|s| s.streams_by_protocol.clone())
+            .unwrap_or_default(),
+        streams_at_end: samples
+            .last()
+            .map(|s| s.streams_by_protocol.clone())
+            .unwrap_or_default(),
         panics,
         scrape_failures,
         alive_at_end,
@@ -1283,8 +1321,9 @@ pub fn table(r: &SoakReport) -> String {
         "growth %",
         "fds base/final/max",
         "tasks base/final/max",
+        "streams base/final/max",
     ];
-    let mut lines: Vec<[String; 6]> = vec![header.map(String::from)];
+    let mut lines: Vec<[String; 7]> = vec![header.map(String::from)];
     for n in &r.nodes {
         lines.push([
             n.node.clone(),
@@ -1299,9 +1338,35 @@ pub fn table(r: &SoakReport) -> String {
             n.rss_growth_pct.map_or("-".into(), |g| format!("{g:.2}")),
             format!("{}/{}/{}", n.baseline_fds, n.final_fds, n.max_fds),
             format!("{}/{}/{}", n.baseline_tasks, n.final_tasks, n.max_tasks),
+            format!(
+                "{}/{}/{}",
+                n.baseline_streams, n.final_streams, n.max_streams
+            ),
         ]);
     }
     report::write_table(&mut out, &lines);
+    let _ = writeln!(
+        out,
+        "\nopen streams by protocol, at each node's most and at the end:"
+    );
+    let by_protocol = |m: &BTreeMap<String, f64>| {
+        m.iter()
+            .map(|(p, n)| format!("{p} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for n in &r.nodes {
+        let _ = writeln!(
+            out,
+            "  {}: most {}: {}\n  {}: end {}: {}",
+            n.node,
+            n.max_streams,
+            by_protocol(&n.streams_at_max),
+            n.node,
+            n.final_streams,
+            by_protocol(&n.streams_at_end)
+        );
+    }
     let _ = writeln!(out);
     let header = ["criterion", "measured", "node", "", "target", "result"];
     let mut lines: Vec<[String; 6]> = vec![header.map(String::from)];
@@ -1381,6 +1446,11 @@ mod tests {
             max_fds: 30.0,
             max_connections: 5.0,
             max_tasks: 120.0,
+            baseline_streams: 12.0,
+            final_streams: 12.0,
+            max_streams: 30.0,
+            streams_at_max: BTreeMap::new(),
+            streams_at_end: BTreeMap::new(),
             panics: 0.0,
             scrape_failures: 0,
             alive_at_end: true,
