@@ -338,6 +338,10 @@ fn unix_now() -> u64 {
 /// Writes a report as JSON to `out` and its table beside it (`.txt`), and prints both
 /// places and the table.
 fn publish(out: &Path, report: &impl serde::Serialize, table: &str) -> Result<()> {
+    // A report made after a long run must not be lost to a directory not made yet.
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
     write_json(out, report)?;
     let table_path = out.with_extension("txt");
     std::fs::write(&table_path, table)
