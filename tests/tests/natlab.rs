@@ -573,7 +573,7 @@ async fn cone_pairings_punch_through_and_the_direct_connection_carries_traffic()
         dir,
         &result,
         &[
-            "boot", "s1", "s2", "s3", "pe", "pf", "pg", "ph", "sub-pf", "sub-ph",
+            "boot", "s1", "s2", "s3", "pe", "pf", "pg", "ph", "sub-pf", "sub-ph", "px",
         ],
     );
     result
@@ -630,6 +630,62 @@ async fn pairings(lab: &mut Lab, dir: &Path) -> Result<()> {
             "checked: {label}: the direct connection carries a ping, a broadcast and a file chunk"
         );
     }
+    reversal(lab, dir, &ns[1]).await
+}
+
+/// A public node dialing a NATed peer ends up directly connected. The peer behind an
+/// address-restricted NAT cannot be dialed cold, so the public node reaches it through
+/// its relay, and DCUtR on that relayed connection has the NATed peer open its NAT
+/// towards the public node (the seeds' reversed connection: over TCP it dials out
+/// itself, over QUIC it sends the punch packets the public node's dial then gets
+/// through). The public node is a first node of its own, so no earlier connection (a
+/// DHT lookup, a reservation) can stand in for the direct one.
+async fn reversal(lab: &mut Lab, dir: &Path, natted: &str) -> Result<()> {
+    let public = lab.host("px", "198.18.0.16")?;
+    let data = dir.join("px").display().to_string();
+    let args = [
+        "run",
+        "--data-dir",
+        &data,
+        "--listen",
+        LISTEN,
+        "--api",
+        "127.0.0.1:5100",
+        "--role",
+        "super",
+        "--no-upnp",
+    ];
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    lab.spawn(&public, "px", &servant_bin(), &args)?;
+    eventually(Duration::from_secs(30), "px's API", || async {
+        Ok(reach(lab, &public).ok().map(|_| ()))
+    })
+    .await?;
+    let target = circuit_of(lab, natted, 60).await?;
+    let target_id = target.rsplit('/').next().unwrap_or_default().to_string();
+    assert!(
+        !peers(lab, &public)?.iter().any(|v| v.peer_id == target_id),
+        "px knew the NATed peer before dialing it"
+    );
+    let out = lab.run(&public, &servant_bin(), &["connect", &target, "--json"])?;
+    assert!(
+        out.contains("p2p-circuit"),
+        "first connection not relayed: {out}"
+    );
+    // Direct, and the relayed connection closed as redundant.
+    let view = eventually(Duration::from_secs(60), "a direct connection", || async {
+        Ok(peers(lab, &public)?.into_iter().find(|v| {
+            v.peer_id == target_id
+                && !v.addrs.is_empty()
+                && v.addrs.iter().all(|a| !a.contains("p2p-circuit"))
+        }))
+    })
+    .await?;
+    println!(
+        "checked: a public node dialing a NATed peer through its relay got a direct connection \
+         ({} over {:?})",
+        view.direction, view.addrs
+    );
     Ok(())
 }
 
