@@ -112,8 +112,9 @@ pub struct Config {
     /// 128 KiB per circuit: enough to hole-punch) or `data` (longer, larger circuits,
     /// for peers that cannot hole-punch).
     pub relay_profile: RelayProfile,
-    /// Bytes per second a data-profile relay reads from one peer while that peer has a
-    /// circuit through it (all its circuits and streams together); 0 means no limit.
+    /// Bytes per second a data-profile relay reads from one peer's circuits (all of
+    /// them together); 0 means no limit. The signaling profile's 128 KiB circuits need
+    /// none, so it is not applied there.
     pub relay_rate_per_peer: ByteSize,
     /// How often reachability is probed again from scratch.
     pub reach_probe_interval: HumanDuration,
@@ -188,9 +189,9 @@ pub const DATA_RELAY_MAX_CIRCUITS: usize = 64;
 pub const DATA_RELAY_CIRCUIT_DURATION: Duration = Duration::from_secs(3600);
 /// Bytes a data-profile circuit may carry (each direction).
 pub const DATA_RELAY_CIRCUIT_BYTES: u64 = 1 << 30;
-/// Bytes per second a data-profile relay reads from one peer with circuits: with
-/// [`DATA_RELAY_MAX_CIRCUITS`] busy, 64 MiB/s at most, so no one peer can take a
-/// volunteer relay's whole uplink.
+/// Bytes per second a data-profile relay reads from one peer's circuits, so no one
+/// peer can take a volunteer relay's whole uplink (each circuit is read from at both
+/// ends, each end at its own peer's rate).
 pub const DATA_RELAY_RATE_PER_PEER: u64 = 1 << 20;
 
 impl RelayProfile {
@@ -520,7 +521,7 @@ pub struct RunArgs {
     #[arg(long, env = "SERVANT_RELAY_PROFILE", value_name = "PROFILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay_profile: Option<RelayProfile>,
-    /// Bytes per second a data-profile relay takes from one peer with circuits, 0 for no
+    /// Bytes per second a data-profile relay reads from one peer's circuits, 0 for no
     /// limit [default: 1MiB].
     #[arg(long, env = "SERVANT_RELAY_RATE_PER_PEER", value_name = "SIZE")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -45,7 +45,6 @@ use crate::{
     metrics::{ConnectionLabel, DialLabel, Metrics, ReasonLabel, RejectLabel, TopicLabel},
     peer_manager::{Candidate, PeerManager, Source},
     reach::ProbeReport,
-    relay_throttle::RelayThrottle,
     store::Store,
     traversal::Traversal,
 };
@@ -119,7 +118,6 @@ pub struct EventLoop {
     wanted: std::collections::HashSet<PeerId>,
     dial_sources: HashMap<ConnectionId, (Option<PeerId>, Source)>,
     health: watch::Sender<Health>,
-    relay_throttle: Option<Arc<RelayThrottle>>,
     started: Instant,
     /// Connections the limits refused lately, for `/readyz`.
     refusals: crate::refusals::Refusals,
@@ -157,8 +155,6 @@ pub struct Parts {
     pub libp2p_metrics: libp2p::metrics::Metrics,
     /// Where health snapshots go.
     pub health: watch::Sender<Health>,
-    /// The data relay's per-peer limits, if this node has them.
-    pub relay_throttle: Option<Arc<RelayThrottle>>,
     /// The content store.
     pub store: Arc<Store>,
 }
@@ -180,7 +176,6 @@ impl EventLoop {
             libp2p_metrics,
             health,
             store,
-            relay_throttle,
         } = parts;
         let local = *swarm.local_peer_id();
         let known = KnownPeers::load(
@@ -266,7 +261,6 @@ impl EventLoop {
             slow_gossip: Default::default(),
             dial_sources: HashMap::new(),
             health,
-            relay_throttle,
             started: Instant::now(),
             log_report: (Default::default(), Instant::now()),
             refusals: Default::default(),
@@ -424,9 +418,6 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Autonat(e)) => self.traversal.on_autonat(e),
             SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => {
                 self.libp2p_metrics.record(&e);
-                if let Some(throttle) = &self.relay_throttle {
-                    throttle.on_relay_event(&e);
-                }
                 self.traversal.on_relay(e)
             }
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => {

@@ -17,9 +17,9 @@ use std::{
 };
 
 use tracing::{callsite::Identifier, Event, Metadata};
+use tracing_subscriber::layer::{Context, Filter};
 
 use crate::token_bucket::TokenBucket;
-use tracing_subscriber::layer::{Context, Filter};
 
 /// Lines one callsite may write at once after a quiet spell.
 pub const BURST: f64 = 50.0;

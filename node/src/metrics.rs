@@ -108,7 +108,7 @@ pub struct Metrics {
     pub ping_failures: Counter,
     /// Peers disconnected for not reading what the node sent, by protocol.
     pub slow_peers_dropped: Family<ProtocolLabel, Counter>,
-    /// Open streams on direct connections, by negotiated protocol.
+    /// Open streams on direct connections, by the protocol their opener proposed first.
     pub streams: crate::stream_count::StreamGauge,
     /// Provider records pushed by peers that the store refused (over its caps).
     pub kad_provider_records_refused: Counter,
@@ -151,7 +151,7 @@ pub struct NatMetrics {
     pub relay_denied: Family<ReasonLabel, Counter>,
     /// Circuits this node's relay carries now.
     pub circuits_served: Gauge,
-    /// Reads from peers with circuits held back by the data profile's per-peer rate.
+    /// Reads of circuit streams held back by the data profile's per-peer rate.
     pub relay_throttle_waits: Counter,
     /// Hole punches attempted (DCUtR on a relayed connection).
     pub holepunch_attempts: Counter,
@@ -239,7 +239,7 @@ impl NatMetrics {
         );
         r.register(
             "relay_throttle_waits",
-            "Reads from peers with circuits held back by relay_rate_per_peer",
+            "Reads of circuit streams held back by relay_rate_per_peer",
             m.relay_throttle_waits.clone(),
         );
         r.register(

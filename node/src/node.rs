@@ -107,7 +107,7 @@ impl Node {
             key,
             &config,
             deny_list,
-            relay_throttle.clone(),
+            relay_throttle,
             metrics.streams.clone(),
             &mut registry,
         )?;
@@ -130,7 +130,6 @@ impl Node {
                 metrics,
                 libp2p_metrics,
                 health: health_tx,
-                relay_throttle,
                 store: store.clone(),
             },
             &config,

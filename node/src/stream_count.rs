@@ -61,13 +61,13 @@ pub type StreamGauge = Family<ProtocolLabel, Gauge>;
 /// Finds the first protocol proposed in a multistream-select negotiation, from its
 /// bytes in whatever pieces they come.
 #[derive(Debug, Default)]
-struct Sniffer {
+pub(crate) struct Sniffer {
     seen: Vec<u8>,
 }
 
 impl Sniffer {
     /// Feeds bytes; `Some` once the protocol is known (or known not to be found).
-    fn feed(&mut self, bytes: &[u8]) -> Option<&'static str> {
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> Option<&'static str> {
         let room = MAX_NEGOTIATION.saturating_sub(self.seen.len());
         self.seen.extend_from_slice(&bytes[..bytes.len().min(room)]);
         let check = self.seen.len().min(HEADER.len());
@@ -148,13 +148,15 @@ impl StreamMuxer for CountingMuxer {
 
 /// Which direction carries the proposal: the side that opened the stream writes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
+pub(crate) enum Side {
+    /// An inbound stream: the proposal is read.
     Reads,
+    /// An outbound stream: the proposal is written.
     Writes,
 }
 
 /// A stream counted under its protocol while it lives.
-pub struct Counted<S> {
+pub(crate) struct Counted<S> {
     inner: S,
     gauge: StreamGauge,
     label: &'static str,

@@ -2,6 +2,8 @@
 //! (circuit relay v2), with bandwidth metrics, around the node's [`Behaviour`]. In a
 //! private network every TCP connection first proves the pre-shared key (libp2p pnet).
 
+use std::sync::Arc;
+
 use either::Either;
 use libp2p::{
     core::{
@@ -14,8 +16,6 @@ use libp2p::{
     quic, tcp, yamux, PeerId, Swarm, Transport,
 };
 use prometheus_client::registry::Registry;
-
-use std::sync::Arc;
 
 use crate::{
     behaviour::Behaviour,

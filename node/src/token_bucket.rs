@@ -59,6 +59,11 @@ impl TokenBucket {
         self.tokens >= 0.0
     }
 
+    /// Gives back `cost` tokens taken earlier and not used, up to the burst.
+    pub fn refund(&mut self, cost: f64) {
+        self.tokens = (self.tokens + cost).min(self.burst);
+    }
+
     /// How long from `now` until the bucket holds `want` tokens (zero if it does;
     /// `want` above the burst is waited for as the burst).
     pub fn wait_for(&mut self, want: f64, now: Instant) -> Duration {

@@ -114,6 +114,9 @@ pub struct Traversal {
     holepunches: VecDeque<HolePunchView>,
     /// Peers holding a reservation on our relay (at most the relay's 128).
     reserved_here: HashSet<PeerId>,
+    /// Circuits this node's relay carries, per (source, destination): libp2p-relay can
+    /// report one circuit closed twice, so a bare counter could drift below the truth.
+    circuits_here: HashMap<(PeerId, PeerId), u32>,
     /// Each observer's last observation of our address, oldest first.
     observed: VecDeque<(PeerId, Multiaddr)>,
     /// What UPnP is doing (see [`ReachView::upnp`]).
@@ -145,6 +148,7 @@ impl Traversal {
             relayed_since: HashMap::new(),
             holepunches: VecDeque::new(),
             reserved_here: HashSet::new(),
+            circuits_here: HashMap::new(),
             observed: VecDeque::new(),
             upnp: if config.upnp { "searching" } else { "off" },
             upnp_mappings: Vec::new(),
@@ -342,17 +346,36 @@ impl Traversal {
                     .get_or_create(&ReasonLabel { reason: "circuit" })
                     .inc();
             }
-            relay::Event::CircuitReqAccepted { .. } => {
-                self.metrics.circuits_served.inc();
+            relay::Event::CircuitReqAccepted {
+                src_peer_id,
+                dst_peer_id,
+            } => {
+                *self
+                    .circuits_here
+                    .entry((src_peer_id, dst_peer_id))
+                    .or_default() += 1;
             }
-            relay::Event::CircuitClosed { .. } => {
-                self.metrics.circuits_served.dec();
+            relay::Event::CircuitClosed {
+                src_peer_id,
+                dst_peer_id,
+                ..
+            } => {
+                let pair = (src_peer_id, dst_peer_id);
+                if let Some(n) = self.circuits_here.get_mut(&pair) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.circuits_here.remove(&pair);
+                    }
+                }
             }
             _ => {}
         }
         self.metrics
             .reservations_served
             .set(self.reserved_here.len() as i64);
+        self.metrics
+            .circuits_served
+            .set(self.circuits_here.values().map(|n| i64::from(*n)).sum());
     }
 
     /// Our relay client's events.

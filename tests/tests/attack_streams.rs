@@ -208,7 +208,7 @@ async fn stream_flood_stays_within_the_caps() -> Result<()> {
                 if let Ok(n) = proc.rss() {
                     max_rss.fetch_max(n, Ordering::Relaxed);
                 }
-                // The node's own count of streams still negotiating, as it exports it.
+                // What an operator would see: the node's own gauge, not the wire.
                 if scraped.elapsed() >= Duration::from_millis(250) {
                     scraped = Instant::now();
                     if let Some(n) = negotiating(&metrics).await {

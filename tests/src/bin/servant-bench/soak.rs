@@ -329,6 +329,15 @@ pub async fn run(params: &SoakParams, out: &Path) -> Result<SoakReport> {
     if !(params.churn_multiplier > 0.0 && params.rate > 0.0) {
         bail!("--churn-multiplier and --rate must be positive");
     }
+    // Each --known-failing must name exactly one criterion: a prefix that matched
+    // several (or an empty one, all) would excuse more than was meant.
+    let names: Vec<&str> = criteria(&[], 0).iter().map(|c| c.name).collect();
+    for k in &params.known_failing {
+        let matches = names.iter().filter(|n| n.starts_with(k.as_str())).count();
+        if k.is_empty() || matches != 1 {
+            bail!("--known-failing {k:?} matches {matches} criteria, not one of: {names:?}");
+        }
+    }
     let bin = match &params.servant_bin {
         Some(bin) => bin.clone(),
         None => std::env::current_exe()
