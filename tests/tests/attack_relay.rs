@@ -2,7 +2,9 @@
 //! reservations, then open circuits through it and pump data. Reservations and
 //! circuits stay within the relay's limits (libp2p-relay's defaults, the `signaling`
 //! profile: 128 reservations, 4 per peer, 60 per minute per IP, 16 circuits of 2 min
-//! and 128 KiB each) and a circuit is cut at its byte limit.
+//! and 128 KiB each) and a circuit is cut at its byte limit. Under the `data` profile,
+//! whose circuits carry whole transfers, two peers pumping at once each get through no
+//! more than `relay_rate_per_peer`.
 //!
 //! The abusers are real rust-libp2p peers with the relay client, each in a task of
 //! its own, dialing from one of three source addresses (127.0.0.2-4) through
@@ -343,6 +345,120 @@ async fn reservations_and_circuits_stay_within_the_relay_limits() -> Result<()> 
     );
     println!("checked: the circuit was cut at its limit ({got} of at most {CIRCUIT_BYTES} bytes)");
 
+    let r2 = &net;
+    eventually(
+        Duration::from_secs(10),
+        "the relay to be live",
+        || async move { Ok(r2[r].livez().await.then_some(())) },
+    )
+    .await?;
+    println!("checked: the relay is live");
+    Ok(())
+}
+
+/// The data relay's per-peer rate in the pumping test.
+const DATA_RATE: u64 = 256 * 1024;
+/// How long each circuit is pumped.
+const PUMP_SECS: u64 = 6;
+
+/// Pumps `chunk`s from `from` to `to` through their circuit for `secs`; returns the
+/// bytes written.
+async fn pump(control: &mut libp2p_stream::Control, to: PeerId, secs: u64) -> Result<u64> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), control.open_stream(to, PUMP))
+        .await
+        .map_err(|_| anyhow!("no pump stream within 10 s"))?
+        .map_err(|e| anyhow!("open pump stream: {e}"))?;
+    let chunk = vec![7u8; 16 * 1024];
+    let mut written = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(secs) {
+        match tokio::time::timeout(Duration::from_secs(2), stream.write_all(&chunk)).await {
+            Ok(Ok(())) => written += chunk.len() as u64,
+            Ok(Err(_)) => break,
+            Err(_) => {}
+        }
+    }
+    Ok(written)
+}
+
+/// A data-profile relay (1 GiB circuits) lets whole transfers through, so what bounds a
+/// peer pumping through it is `relay_rate_per_peer`: two sources pump through their
+/// circuits at once, each as fast as it can, and each gets through no more than its
+/// rate (plus the one-second burst) while the relay stays live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_relay_holds_each_pumping_peer_to_its_rate() -> Result<()> {
+    hostile::raise_fd_limit();
+    let mut net = Net::new();
+    let r = net.add(
+        "relay",
+        &[
+            "--role".into(),
+            "super".into(),
+            "--relay-profile".into(),
+            "data".into(),
+            "--relay-rate-per-peer".into(),
+            format!("{}KiB", DATA_RATE / 1024),
+        ],
+    );
+    let announce = format!("/ip4/127.0.0.1/tcp/{}", net[r].p2p_port);
+    net[r].args.extend(["--announce".into(), announce]);
+    net[r].start().await?;
+    let relay_id = net[r].id();
+    let relay_tcp: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", net[r].p2p_port).parse()?;
+    let mut peers = Vec::new();
+    for i in 0..4 {
+        let peer = abuser(SOURCES[i % SOURCES.len()], relay_id, relay_tcp.clone()).await?;
+        ensure!(peer.reserved, "peer {i} got no reservation");
+        peers.push(peer);
+    }
+    for (from, to) in [(0, 1), (2, 3)] {
+        let target = peers[to].peer_id;
+        let addr = relay_tcp
+            .clone()
+            .with(Protocol::P2p(relay_id))
+            .with(Protocol::P2pCircuit)
+            .with(Protocol::P2p(target));
+        let (tx, rx) = oneshot::channel();
+        peers[from]
+            .commands
+            .send(Command::Dial(addr, target, tx))
+            .await
+            .map_err(|_| anyhow!("peer task gone"))?;
+        tokio::time::timeout(Duration::from_secs(15), rx)
+            .await
+            .map_err(|_| anyhow!("no circuit within 15 s"))?
+            .map_err(|_| anyhow!("peer task gone"))??;
+    }
+    let (mut c0, mut c2) = (peers[0].control.clone(), peers[2].control.clone());
+    let (t1, t3) = (peers[1].peer_id, peers[3].peer_id);
+    let started = Instant::now();
+    let (w0, w2) = tokio::join!(pump(&mut c0, t1, PUMP_SECS), pump(&mut c2, t3, PUMP_SECS));
+    let (w0, w2) = (w0?, w2?);
+    let secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    // The most one peer may get through: its rate over the whole time, plus a burst.
+    let allowed = (DATA_RATE as f64 * elapsed + DATA_RATE as f64) * 1.1;
+    for (to, written) in [(1, w0), (3, w2)] {
+        let got = peers[to].received.load(Ordering::Relaxed) as f64;
+        println!(
+            "measured: {written} bytes written, {got} received through one circuit in {secs:.1} \
+             s ({:.0} KiB/s; the rate is {} KiB/s)",
+            got / elapsed / 1024.0,
+            DATA_RATE / 1024
+        );
+        ensure!(
+            got <= allowed,
+            "{got} bytes crossed in {elapsed:.1} s, more than {allowed:.0} at {DATA_RATE} B/s"
+        );
+        ensure!(
+            got >= DATA_RATE as f64 * 2.0,
+            "only {got} bytes crossed: the circuit barely carried anything"
+        );
+    }
+    let waits = net[r].metric("servant_relay_throttle_waits_total").await?;
+    ensure!(waits > 0.0, "the relay never held a read back");
+    println!("checked: each pumping peer got through at most its rate plus a burst ({waits} reads held back)");
     let r2 = &net;
     eventually(
         Duration::from_secs(10),
