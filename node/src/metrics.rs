@@ -108,7 +108,7 @@ pub struct Metrics {
     pub ping_failures: Counter,
     /// Peers disconnected for not reading what the node sent, by protocol.
     pub slow_peers_dropped: Family<ProtocolLabel, Counter>,
-    /// Open streams on direct connections, by the protocol their opener proposed first.
+    /// Open streams, by the protocol their opener proposed first.
     pub streams: crate::stream_count::StreamGauge,
     /// Provider records pushed by peers that the store refused (over its caps).
     pub kad_provider_records_refused: Counter,
@@ -550,7 +550,7 @@ impl Metrics {
         }
         r.register(
             "streams",
-            "Open streams on direct connections, by the protocol proposed first \
+            "Open streams, by the protocol proposed first \
              (negotiating: none yet; other: one Servant does not speak)",
             metrics.streams.clone(),
         );

@@ -9,8 +9,8 @@
 //! protocols Servant speaks; any other name a peer proposes counts as `other`, so
 //! the network cannot grow the series.
 //!
-//! Streams of relayed connections are not counted: libp2p's relay client transport
-//! builds their muxer itself.
+//! Relayed connections are counted too: their multiplexer upgrade is
+//! [`CountedYamux`], since libp2p's relay client transport builds their muxer itself.
 
 use std::{
     io,
@@ -19,7 +19,13 @@ use std::{
 };
 
 use futures::{AsyncRead, AsyncWrite};
-use libp2p::core::muxing::{StreamMuxer, StreamMuxerBox, StreamMuxerEvent, SubstreamBox};
+use libp2p::{
+    core::{
+        muxing::{StreamMuxer, StreamMuxerBox, StreamMuxerEvent, SubstreamBox},
+        upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade, UpgradeInfo},
+    },
+    yamux,
+};
 use prometheus_client::metrics::{family::Family, gauge::Gauge};
 
 use crate::metrics::ProtocolLabel;
@@ -103,6 +109,61 @@ pub fn wrap(muxer: StreamMuxerBox, gauge: StreamGauge) -> StreamMuxerBox {
         inner: muxer,
         gauge,
     })
+}
+
+/// yamux whose muxer is counted: the multiplexer upgrade for relayed connections,
+/// which libp2p's relay client transport upgrades itself.
+#[derive(Clone)]
+pub struct CountedYamux {
+    inner: yamux::Config,
+    gauge: StreamGauge,
+}
+
+impl CountedYamux {
+    /// yamux with its default settings, counting into `gauge`.
+    pub fn new(gauge: StreamGauge) -> Self {
+        CountedYamux {
+            inner: yamux::Config::default(),
+            gauge,
+        }
+    }
+}
+
+impl UpgradeInfo for CountedYamux {
+    type Info = <yamux::Config as UpgradeInfo>::Info;
+    type InfoIter = <yamux::Config as UpgradeInfo>::InfoIter;
+
+    fn protocol_info(&self) -> Self::InfoIter {
+        self.inner.protocol_info()
+    }
+}
+
+impl<C> InboundConnectionUpgrade<C> for CountedYamux
+where
+    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    type Output = StreamMuxerBox;
+    type Error = io::Error;
+    type Future = futures::future::Ready<Result<StreamMuxerBox, io::Error>>;
+
+    fn upgrade_inbound(self, io: C, info: Self::Info) -> Self::Future {
+        let muxer = self.inner.upgrade_inbound(io, info).into_inner();
+        futures::future::ready(muxer.map(|m| wrap(StreamMuxerBox::new(m), self.gauge)))
+    }
+}
+
+impl<C> OutboundConnectionUpgrade<C> for CountedYamux
+where
+    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    type Output = StreamMuxerBox;
+    type Error = io::Error;
+    type Future = futures::future::Ready<Result<StreamMuxerBox, io::Error>>;
+
+    fn upgrade_outbound(self, io: C, info: Self::Info) -> Self::Future {
+        let muxer = self.inner.upgrade_outbound(io, info).into_inner();
+        futures::future::ready(muxer.map(|m| wrap(StreamMuxerBox::new(m), self.gauge)))
+    }
 }
 
 struct CountingMuxer {

@@ -69,7 +69,10 @@ pub fn build(
         .map_err(|e| SwarmError::Tcp(e.to_string()))?
         .with_dns()
         .map_err(|e| SwarmError::Dns(e.to_string()))?
-        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .with_relay_client(noise::Config::new, {
+            let streams = streams.clone();
+            move || stream_count::CountedYamux::new(streams)
+        })
         .map_err(|e| SwarmError::Tcp(e.to_string()))?
         .with_bandwidth_metrics(registry)
         .with_behaviour(|key, relay_client| {

@@ -559,6 +559,31 @@ async fn symmetric(lab: &mut Lab, dir: &Path) -> Result<()> {
     );
     assert!(waits > 0.0, "no relay read was held back");
     println!("checked: the data-profile relay held pd to its per-peer rate");
+
+    // Streams inside the relayed connection are counted as well: pc pings pd over it,
+    // so pc has more ping streams than its direct connections alone would give.
+    let counted = eventually(
+        Duration::from_secs(20),
+        "ping streams on the relayed connection",
+        || async {
+            let ping = metric(&pc, "servant_streams{protocol=\"/ipfs/ping/1.0.0\"}")?;
+            let mut direct = 0.0;
+            for direction in ["inbound", "outbound"] {
+                for transport in ["tcp", "quic"] {
+                    let series = format!(
+                    "servant_connections{{direction=\"{direction}\",transport=\"{transport}\"}}"
+                );
+                    direct += metric(&pc, &series)?;
+                }
+            }
+            Ok((ping > 2.0 * direct).then_some((ping, direct)))
+        },
+    )
+    .await?;
+    println!(
+        "checked: pc counts {} ping streams over {} direct connections and its relayed one",
+        counted.0, counted.1
+    );
     Ok(())
 }
 
