@@ -189,6 +189,9 @@ pub const DATA_RELAY_MAX_CIRCUITS: usize = 64;
 pub const DATA_RELAY_CIRCUIT_DURATION: Duration = Duration::from_secs(3600);
 /// Bytes a data-profile circuit may carry (each direction).
 pub const DATA_RELAY_CIRCUIT_BYTES: u64 = 1 << 30;
+/// The slowest per-peer relay rate accepted: a 1 MiB chunk at 32 KiB/s takes 32 s,
+/// inside the 60 s a file request may take.
+pub const MIN_RELAY_RATE_PER_PEER: u64 = 32 * 1024;
 /// Bytes per second a data-profile relay reads from one peer's circuits, so no one
 /// peer can take a volunteer relay's whole uplink (each circuit is read from at both
 /// ends, each end at its own peer's rate).
@@ -684,6 +687,16 @@ impl Config {
                 return Err(ConfigError::invalid(key, value, "must be at least 1"));
             }
         }
+        // A 1 MiB chunk through a slower relay outlasts the 60 s request deadline.
+        let relay_rate = self.relay_rate_per_peer.get();
+        if relay_rate != 0 && relay_rate < MIN_RELAY_RATE_PER_PEER {
+            return Err(ConfigError::invalid(
+                "relay_rate_per_peer",
+                self.relay_rate_per_peer,
+                "must be 0 (no limit) or at least 32KiB: a chunk through a slower relay misses \
+                 its 60 s request deadline",
+            ));
+        }
         // Below these an honest peer's subscriptions and heartbeat traffic alone
         // would overdraw the budget and get it disconnected over and over.
         if self.gossip_control_burst < 1_000 {
@@ -1070,6 +1083,21 @@ mod tests {
             ..Config::default()
         };
         assert!(config.validate().is_err());
+
+        let config = Config {
+            relay_rate_per_peer: ByteSize(1000),
+            ..Config::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("relay_rate_per_peer") && err.contains("1000"),
+            "{err}"
+        );
+        let config = Config {
+            relay_rate_per_peer: ByteSize(0),
+            ..Config::default()
+        };
+        assert!(config.validate().is_ok());
     }
 
     #[test]
