@@ -26,6 +26,7 @@ use crate::{
     deny, keep_alive,
     provider_store::ProviderStore,
     reach,
+    relayed_hold::Held,
     subscription_cap::SubscriptionCap,
 };
 
@@ -52,7 +53,8 @@ pub const SEARCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long Kademlia keeps a remote provider record without a re-announcement.
 pub const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(6 * 3600);
 
-/// Everything the node speaks.
+/// Everything the node speaks. Servant's own protocols are [`Held`] on relayed
+/// connections for a moment, so DCUtR goes first.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     /// Refuses denied PeerIds and IP ranges; closes live connections on a new ban.
@@ -64,18 +66,18 @@ pub struct Behaviour {
     /// Keeps connections open until the peer manager trims them.
     pub keep_alive: keep_alive::Behaviour,
     /// Exchanges listen addresses, protocols and versions; feeds Kademlia.
-    pub identify: identify::Behaviour,
+    pub identify: Held<identify::Behaviour>,
     /// Liveness and round-trip time.
-    pub ping: ping::Behaviour,
+    pub ping: Held<ping::Behaviour>,
     /// Peer discovery on Servant's private DHT.
-    pub kad: kad::Behaviour<ProviderStore>,
+    pub kad: Held<kad::Behaviour<ProviderStore>>,
     /// Broadcast: signed messages, content-hash ids, validation by the node, scoring,
     /// and a per-peer budget for control traffic.
-    pub gossipsub: crate::gossip_budget::Budgeted,
+    pub gossipsub: Held<crate::gossip_budget::Budgeted>,
     /// Manifests and chunks, `/servant/file/1.0.0`.
-    pub file: request_response::Behaviour<FileCodec>,
+    pub file: Held<request_response::Behaviour<FileCodec>>,
     /// Queries with a time-to-live and their hits, `/servant/search/1.0.0`.
-    pub search: request_response::Behaviour<SearchCodec>,
+    pub search: Held<request_response::Behaviour<SearchCodec>>,
     /// Raw streams: Servant's AutoNAT v2 client and its dial-back answers.
     pub stream: libp2p_stream::Behaviour,
     /// AutoNAT v2 server, throttled: dials peers back so they learn their reachability.
@@ -164,22 +166,22 @@ impl Behaviour {
             limits: connection_limits::Behaviour::new(limits),
             ip_limits: crate::ip_limits::Behaviour::new(config.max_connections_per_ip),
             keep_alive: keep_alive::Behaviour::default(),
-            identify,
-            ping,
-            kad,
-            gossipsub,
-            file: request_response::Behaviour::with_codec(
+            identify: Held::new(identify),
+            ping: Held::new(ping),
+            kad: Held::new(kad),
+            gossipsub: Held::new(gossipsub),
+            file: Held::new(request_response::Behaviour::with_codec(
                 FileCodec,
                 [(FILE_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default()
                     .with_request_timeout(FILE_REQUEST_TIMEOUT)
                     .with_max_concurrent_streams(FILE_STREAMS_PER_CONNECTION),
-            ),
-            search: request_response::Behaviour::with_codec(
+            )),
+            search: Held::new(request_response::Behaviour::with_codec(
                 SearchCodec,
                 [(SEARCH_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(SEARCH_REQUEST_TIMEOUT),
-            ),
+            )),
             stream: libp2p_stream::Behaviour::new(),
             autonat: reach::server::Behaviour::default(),
             relay,

@@ -48,6 +48,7 @@ pub mod provider_store;
 pub mod reach;
 pub mod refusals;
 pub mod relay_throttle;
+pub mod relayed_hold;
 pub mod relays;
 pub mod role;
 pub mod search;
