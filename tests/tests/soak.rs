@@ -63,9 +63,9 @@ fn five_minutes_at_ten_times_churn() -> Result<()> {
         report["load"]["broadcasts_ok"],
         took.as_secs_f64()
     );
-    // Seven criteria: memory slope and growth, descriptors under load and after,
-    // tasks after, panics, deaths. Fewer would mean one went unchecked.
-    assert_eq!(criteria.len(), 7, "criteria: {criteria:?}");
+    // Eight criteria: memory slope and growth, descriptors under load and after,
+    // tasks after, panics, deaths, streams after. Fewer would mean one went unchecked.
+    assert_eq!(criteria.len(), 8, "criteria: {criteria:?}");
     assert!(
         report["load_secs"].as_f64().unwrap_or(0.0) >= Duration::from_secs(290).as_secs_f64(),
         "the load ran {} s, not 5 minutes",

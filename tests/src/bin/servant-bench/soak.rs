@@ -53,6 +53,10 @@ const FDS_HEADROOM: f64 = 32.0;
 const FDS_TOLERANCE: f64 = 5.0;
 /// Live tasks after churn: baseline plus or minus this share of it, in percent.
 const TASKS_TOLERANCE_PCT: f64 = 2.0;
+/// Open streams a measured node may be off its baseline after the churn: a stream left
+/// open per departed peer is a leak the task and descriptor counts cannot see (streams
+/// share their connection's socket and task).
+const STREAMS_TOLERANCE: f64 = 2.0;
 /// Deadline of one scrape or API call of the harness.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// Most time a node gets to print its PeerId and answer `/livez`.
@@ -1212,6 +1216,7 @@ fn criteria(nodes: &[NodeFigures], panics_in_logs: u64) -> Vec<Criterion> {
         (n.baseline_tasks > 0.0)
             .then(|| (n.final_tasks - n.baseline_tasks).abs() / n.baseline_tasks * 100.0)
     });
+    let streams_off = worst(&|n| Some((n.final_streams - n.baseline_streams).abs()));
     let node_panics: f64 = nodes.iter().map(|n| n.panics).sum();
     let panics = node_panics.max(panics_in_logs as f64);
     let dead = nodes.iter().filter(|n| !n.alive_at_end).count();
@@ -1269,6 +1274,13 @@ fn criteria(nodes: &[NodeFigures], panics_in_logs: u64) -> Vec<Criterion> {
             (dead as f64, dead_names.join(",")),
             "0",
             dead == 0,
+        ),
+        criterion(
+            "open streams after churn, off baseline",
+            "",
+            streams_off.clone(),
+            "<= 2",
+            streams_off.0 <= STREAMS_TOLERANCE,
         ),
     ]
 }
@@ -1480,5 +1492,10 @@ mod tests {
         let unknown = [node("a", None, 100.0)];
         assert!(!criteria(&unknown, 0)[0].pass);
         assert!(!criteria(&good, 1)[5].pass);
+        let mut streams = node("a", Some(0.2), 100.0);
+        streams.final_streams = streams.baseline_streams + 3.0;
+        let c = criteria(&[streams], 0);
+        assert_eq!(c[7].name, "open streams after churn, off baseline");
+        assert!(!c[7].pass);
     }
 }
