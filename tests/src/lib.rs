@@ -62,12 +62,28 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 static USED_PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 
-/// A port free for both TCP and UDP on 127.0.0.1, never handed out twice per process.
+/// The kernel's ephemeral port range: source ports of outgoing connections come from
+/// it, so a port handed out from it can be taken by any connection before the node
+/// binds it (seen: "cannot bind the API to 0.0.0.0:34921: Address already in use").
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
+/// A port free for both TCP and UDP on 127.0.0.1 (and TCP on every address), below the
+/// ephemeral range so no outgoing connection takes it meanwhile, and never handed out
+/// twice per process.
 pub fn free_port() -> u16 {
+    let high = ephemeral_low().max(2048);
+    let low = high.saturating_sub(12_000).max(1024);
     loop {
-        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
-        let port = tcp.local_addr().expect("addr").port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_err() {
+        let port = rand::Rng::gen_range(&mut rand::thread_rng(), low..high);
+        let free = TcpListener::bind(("0.0.0.0", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if !free {
             continue;
         }
         let mut used = USED_PORTS.lock().unwrap_or_else(|e| e.into_inner());
