@@ -4,8 +4,8 @@
 //! as fast as both ends allow, so one peer pumping a 1 GiB circuit could take a
 //! volunteer super-peer's whole uplink. The relay copies inside its own connection
 //! handler, out of reach of any behaviour, so the limit sits below it: every
-//! connection's muxer is wrapped ([`RelayThrottle::wrap`]), each stream reads its own
-//! multistream-select proposal, and the streams that carry circuits (the hop stream a
+//! connection's muxer is wrapped with its peer's [`Gate`] (`stream_count::wrap`, which
+//! reads each stream's multistream-select proposal anyway), and the streams that carry circuits (the hop stream a
 //! source opens, the stop stream the relay opens to a destination) pay for every byte
 //! the relay reads from them from one token bucket per peer, of `relay_rate_per_peer`
 //! bytes a second. Reading slower fills the stream's receive window, so the sender is
@@ -28,17 +28,11 @@ use std::{
     task::{Context, Poll},
 };
 
-use futures::{AsyncRead, AsyncWrite};
-use libp2p::{
-    core::muxing::{StreamMuxer, StreamMuxerBox, StreamMuxerEvent, SubstreamBox},
-    relay, PeerId,
-};
+use futures::AsyncRead;
+use libp2p::{relay, PeerId};
 use prometheus_client::metrics::counter::Counter;
 
-use crate::{
-    stream_count::{Side, Sniffer},
-    token_bucket::TokenBucket,
-};
+use crate::{stream_count::Side, token_bucket::TokenBucket};
 
 /// Bytes a held-back read waits for at least, so a throttled stream wakes a few
 /// times a second rather than once per byte.
@@ -60,7 +54,7 @@ fn relays_circuits(protocol: &str, proposer: Side) -> bool {
 
 /// One peer's token bucket, shared by the circuit streams of all its connections.
 #[derive(Debug)]
-pub(crate) struct Gate {
+pub struct Gate {
     bucket: Mutex<TokenBucket>,
     waits: Counter,
 }
@@ -101,7 +95,7 @@ impl RelayThrottle {
 
     /// The gate of `peer`, shared with its other live connections; it lives as long
     /// as one of them.
-    fn gate(&self, peer: PeerId) -> Arc<Gate> {
+    pub fn gate(&self, peer: PeerId) -> Arc<Gate> {
         let mut gates = self.gates();
         if let Some(gate) = gates.get(&peer).and_then(Weak::upgrade) {
             return gate;
@@ -118,14 +112,6 @@ impl RelayThrottle {
         gates.insert(peer, Arc::downgrade(&gate));
         gate
     }
-
-    /// Wraps a connection to `peer` so its circuit streams read at the peer's rate.
-    pub fn wrap(&self, peer: PeerId, muxer: StreamMuxerBox) -> StreamMuxerBox {
-        StreamMuxerBox::new(ThrottledMuxer {
-            inner: muxer,
-            gate: self.gate(peer),
-        })
-    }
 }
 
 /// `tokio`'s clock, so tests with paused time see the bucket refill.
@@ -133,169 +119,83 @@ fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }
 
-/// A connection whose circuit streams read through the peer's [`Gate`].
-struct ThrottledMuxer {
-    inner: StreamMuxerBox,
+/// A circuit stream's reads, paid from its peer's [`Gate`].
+pub(crate) struct Limit {
     gate: Arc<Gate>,
-}
-
-impl StreamMuxer for ThrottledMuxer {
-    type Substream = Throttled<SubstreamBox>;
-    type Error = io::Error;
-
-    fn poll_inbound(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Self::Substream, Self::Error>> {
-        let gate = Arc::clone(&self.gate);
-        Pin::new(&mut self.inner)
-            .poll_inbound(cx)
-            .map_ok(|s| Throttled::new(s, gate, Side::Reads))
-    }
-
-    fn poll_outbound(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Self::Substream, Self::Error>> {
-        let gate = Arc::clone(&self.gate);
-        Pin::new(&mut self.inner)
-            .poll_outbound(cx)
-            .map_ok(|s| Throttled::new(s, gate, Side::Writes))
-    }
-
-    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Pin::new(&mut self.inner).poll_close(cx)
-    }
-
-    fn poll(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<StreamMuxerEvent, Self::Error>> {
-        Pin::new(&mut self.inner).poll(cx)
-    }
-}
-
-/// A stream that, once it turns out to carry circuits, reads at its peer's rate.
-pub(crate) struct Throttled<S> {
-    inner: S,
-    gate: Arc<Gate>,
-    /// Reading the proposal; `None` once the protocol is known.
-    sniffer: Option<(Sniffer, Side)>,
-    limited: bool,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     /// This read already waited (and was counted) at least once.
     waited: bool,
 }
 
-impl<S> Throttled<S> {
-    fn new(inner: S, gate: Arc<Gate>, side: Side) -> Self {
-        Throttled {
-            inner,
+impl Limit {
+    /// The limit for a stream of `protocol` proposed by `proposer`'s side, if it is a
+    /// circuit this node relays.
+    pub(crate) fn for_stream(gate: Arc<Gate>, protocol: &str, proposer: Side) -> Option<Self> {
+        relays_circuits(protocol, proposer).then_some(Limit {
             gate,
-            sniffer: Some((Sniffer::default(), side)),
-            limited: false,
             sleep: None,
             waited: false,
-        }
+        })
     }
 
-    fn observe(&mut self, side: Side, bytes: &[u8]) {
-        let Some((sniffer, proposer)) = self.sniffer.as_mut() else {
-            return;
-        };
-        if *proposer != side || bytes.is_empty() {
-            return;
-        }
-        if let Some(protocol) = sniffer.feed(bytes) {
-            self.limited = relays_circuits(protocol, side);
-            self.sniffer = None;
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Throttled<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
+    /// Reads from `inner` once the peer's bucket holds tokens for it.
+    pub(crate) fn poll_read<S: AsyncRead + Unpin>(
+        &mut self,
+        inner: &mut S,
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if !this.limited || buf.is_empty() {
-            let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
-            if let Poll::Ready(Ok(n)) = poll {
-                this.observe(Side::Reads, &buf[..n]);
-            }
-            return poll;
+        if buf.is_empty() {
+            return Pin::new(inner).poll_read(cx, buf);
         }
         loop {
-            if let Some(sleep) = this.sleep.as_mut() {
+            if let Some(sleep) = self.sleep.as_mut() {
                 if sleep.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                this.sleep = None;
+                self.sleep = None;
             }
             // Tokens are taken before the read, so streams reading at once cannot all
             // spend the same balance; what the read did not use is given back.
             let t = now();
             let reserved = {
-                let mut bucket = this.gate.bucket();
+                let mut bucket = self.gate.bucket();
                 let available = bucket.available(t);
                 if available < 1.0 {
                     let wait = bucket.wait_for(buf.len().min(READ_GRAIN) as f64, t);
                     drop(bucket);
-                    if !this.waited {
-                        this.waited = true;
-                        this.gate.waits.inc();
+                    if !self.waited {
+                        self.waited = true;
+                        self.gate.waits.inc();
                     }
-                    this.sleep = Some(Box::pin(tokio::time::sleep(wait)));
+                    self.sleep = Some(Box::pin(tokio::time::sleep(wait)));
                     continue;
                 }
                 let n = buf.len().min(available as usize);
                 bucket.charge(n as f64, t);
                 n
             };
-            let poll = Pin::new(&mut this.inner).poll_read(cx, &mut buf[..reserved]);
+            let poll = Pin::new(&mut *inner).poll_read(cx, &mut buf[..reserved]);
             let used = match &poll {
                 Poll::Ready(Ok(read)) => *read,
                 _ => 0,
             };
             if used < reserved {
-                this.gate.bucket().refund((reserved - used) as f64);
+                self.gate.bucket().refund((reserved - used) as f64);
             }
             if poll.is_ready() {
-                this.waited = false;
+                self.waited = false;
             }
             return poll;
         }
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Throttled<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = poll {
-            self.observe(Side::Writes, &buf[..n]);
-        }
-        poll
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_close(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::{io::Cursor, AsyncReadExt, AsyncWriteExt};
+    use crate::stream_count::{Counted, StreamGauge};
+    use futures::{io::Cursor, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
     fn proposal(protocol: &str) -> Vec<u8> {
         let mut bytes = b"\x13/multistream/1.0.0\n".to_vec();
@@ -311,7 +211,12 @@ mod tests {
         bytes.extend(vec![7u8; len]);
         let total = bytes.len();
         let start = tokio::time::Instant::now();
-        let mut stream = Throttled::new(Cursor::new(bytes), gate, Side::Reads);
+        let mut stream = Counted::new(
+            Cursor::new(bytes),
+            StreamGauge::default(),
+            Side::Reads,
+            Some(gate),
+        );
         let mut out = Vec::new();
         let n = stream.read_to_end(&mut out).await.unwrap();
         assert_eq!(n, total);
@@ -386,7 +291,7 @@ mod tests {
             read: Cursor::new(vec![0u8; 300 * 1024]),
             written: Vec::new(),
         };
-        let mut stream = Throttled::new(duplex, gate, Side::Writes);
+        let mut stream = Counted::new(duplex, StreamGauge::default(), Side::Writes, Some(gate));
         stream
             .write_all(&proposal(relay::STOP_PROTOCOL_NAME.as_ref()))
             .await

@@ -11,6 +11,11 @@
 //!
 //! Relayed connections are counted too: their multiplexer upgrade is
 //! [`CountedYamux`], since libp2p's relay client transport builds their muxer itself.
+//!
+//! The same reading of the proposal decides which streams a data-profile relay holds
+//! to its per-peer rate: a connection wrapped with its peer's [`Gate`] hands circuit
+//! streams to [`crate::relay_throttle::Limit`], so each stream is wrapped and read
+//! once, whichever of the two is on.
 
 use std::{
     io,
@@ -28,7 +33,12 @@ use libp2p::{
 };
 use prometheus_client::metrics::{family::Family, gauge::Gauge};
 
-use crate::metrics::ProtocolLabel;
+use std::sync::Arc;
+
+use crate::{
+    metrics::ProtocolLabel,
+    relay_throttle::{Gate, Limit},
+};
 
 /// The protocols Servant's behaviours speak: the only label values besides
 /// `negotiating` and `other`.
@@ -103,11 +113,13 @@ impl Sniffer {
     }
 }
 
-/// Wraps a connection's muxer so its streams are counted in `gauge`.
-pub fn wrap(muxer: StreamMuxerBox, gauge: StreamGauge) -> StreamMuxerBox {
+/// Wraps a connection's muxer so its streams are counted in `gauge`, and the circuit
+/// streams it relays read at the rate of `gate`, its peer's, when there is one.
+pub fn wrap(muxer: StreamMuxerBox, gauge: StreamGauge, gate: Option<Arc<Gate>>) -> StreamMuxerBox {
     StreamMuxerBox::new(CountingMuxer {
         inner: muxer,
         gauge,
+        gate,
     })
 }
 
@@ -148,7 +160,8 @@ where
 
     fn upgrade_inbound(self, io: C, info: Self::Info) -> Self::Future {
         let muxer = self.inner.upgrade_inbound(io, info).into_inner();
-        futures::future::ready(muxer.map(|m| wrap(StreamMuxerBox::new(m), self.gauge)))
+        // A relayed connection carries no circuits of ours to limit.
+        futures::future::ready(muxer.map(|m| wrap(StreamMuxerBox::new(m), self.gauge, None)))
     }
 }
 
@@ -162,13 +175,20 @@ where
 
     fn upgrade_outbound(self, io: C, info: Self::Info) -> Self::Future {
         let muxer = self.inner.upgrade_outbound(io, info).into_inner();
-        futures::future::ready(muxer.map(|m| wrap(StreamMuxerBox::new(m), self.gauge)))
+        futures::future::ready(muxer.map(|m| wrap(StreamMuxerBox::new(m), self.gauge, None)))
     }
 }
 
 struct CountingMuxer {
     inner: StreamMuxerBox,
     gauge: StreamGauge,
+    gate: Option<Arc<Gate>>,
+}
+
+impl CountingMuxer {
+    fn stream(&self, inner: SubstreamBox, side: Side) -> Counted<SubstreamBox> {
+        Counted::new(inner, self.gauge.clone(), side, self.gate.clone())
+    }
 }
 
 impl StreamMuxer for CountingMuxer {
@@ -179,20 +199,18 @@ impl StreamMuxer for CountingMuxer {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::Substream, Self::Error>> {
-        let gauge = self.gauge.clone();
         Pin::new(&mut self.inner)
             .poll_inbound(cx)
-            .map_ok(|s| Counted::new(s, gauge, Side::Reads))
+            .map_ok(|s| self.stream(s, Side::Reads))
     }
 
     fn poll_outbound(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::Substream, Self::Error>> {
-        let gauge = self.gauge.clone();
         Pin::new(&mut self.inner)
             .poll_outbound(cx)
-            .map_ok(|s| Counted::new(s, gauge, Side::Writes))
+            .map_ok(|s| self.stream(s, Side::Writes))
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -216,17 +234,21 @@ pub(crate) enum Side {
     Writes,
 }
 
-/// A stream counted under its protocol while it lives.
+/// A stream counted under its protocol while it lives, and read at its peer's relay
+/// rate if it turns out to be a circuit this node relays.
 pub(crate) struct Counted<S> {
     inner: S,
     gauge: StreamGauge,
     label: &'static str,
     side: Side,
     sniffer: Option<Sniffer>,
+    /// The peer's gate until the protocol is known.
+    gate: Option<Arc<Gate>>,
+    limit: Option<Limit>,
 }
 
 impl<S> Counted<S> {
-    fn new(inner: S, gauge: StreamGauge, side: Side) -> Self {
+    pub(crate) fn new(inner: S, gauge: StreamGauge, side: Side, gate: Option<Arc<Gate>>) -> Self {
         gauge
             .get_or_create(&ProtocolLabel {
                 protocol: NEGOTIATING,
@@ -238,6 +260,8 @@ impl<S> Counted<S> {
             label: NEGOTIATING,
             side,
             sniffer: Some(Sniffer::default()),
+            gate,
+            limit: None,
         }
     }
 
@@ -251,6 +275,9 @@ impl<S> Counted<S> {
         if let Some(protocol) = sniffer.feed(bytes) {
             self.sniffer = None;
             self.relabel(protocol);
+            if let Some(gate) = self.gate.take() {
+                self.limit = Limit::for_stream(gate, protocol, side);
+            }
         }
     }
 
@@ -281,10 +308,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let this = &mut *self;
+        if let Some(limit) = this.limit.as_mut() {
+            return limit.poll_read(&mut this.inner, cx, buf);
+        }
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(n)) = poll {
-            if self.sniffer.is_some() {
-                self.observe(Side::Reads, &buf[..n]);
+            if this.sniffer.is_some() {
+                this.observe(Side::Reads, &buf[..n]);
             }
         }
         poll
@@ -365,7 +396,7 @@ mod tests {
         let gauge = StreamGauge::default();
         let mut inbound = message("/multistream/1.0.0");
         inbound.extend(message("/servant/file/1.0.0"));
-        let mut stream = Counted::new(Cursor::new(inbound), gauge.clone(), Side::Reads);
+        let mut stream = Counted::new(Cursor::new(inbound), gauge.clone(), Side::Reads, None);
         assert_eq!(count(&gauge, NEGOTIATING), 1);
         futures::executor::block_on(async {
             let mut buf = [0u8; 4];
@@ -373,7 +404,7 @@ mod tests {
         });
         assert_eq!(count(&gauge, NEGOTIATING), 0);
         assert_eq!(count(&gauge, "/servant/file/1.0.0"), 1);
-        let mut outbound = Counted::new(Cursor::new(Vec::new()), gauge.clone(), Side::Writes);
+        let mut outbound = Counted::new(Cursor::new(Vec::new()), gauge.clone(), Side::Writes, None);
         futures::executor::block_on(async {
             outbound.write_all(HEADER).await.unwrap();
             outbound
@@ -391,6 +422,7 @@ mod tests {
             Cursor::new(Vec::<u8>::new()),
             gauge.clone(),
             Side::Reads,
+            None,
         ));
         assert_eq!(count(&gauge, NEGOTIATING), 0);
     }

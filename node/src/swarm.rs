@@ -117,11 +117,8 @@ fn transport(
         .or_transport(tcp)
         .map(move |either, _| {
             let (peer, muxer) = either.into_inner();
-            let muxer = stream_count::wrap(muxer, streams.clone());
-            match &throttle {
-                Some(t) => (peer, t.wrap(peer, muxer)),
-                None => (peer, muxer),
-            }
+            let gate = throttle.as_ref().map(|t| t.gate(peer));
+            (peer, stream_count::wrap(muxer, streams.clone(), gate))
         })
         .boxed())
 }
