@@ -206,7 +206,11 @@ mod tests {
     }
 
     /// Reads an inbound stream proposing `protocol` and then `len` bytes; how long it took.
-    async fn read_inbound(gate: Arc<Gate>, protocol: &str, len: usize) -> tokio::time::Duration {
+    async fn read_inbound(
+        gate: Arc<Gate>,
+        protocol: &str,
+        len: usize,
+    ) -> io::Result<tokio::time::Duration> {
         let mut bytes = proposal(protocol);
         bytes.extend(vec![7u8; len]);
         let total = bytes.len();
@@ -218,9 +222,9 @@ mod tests {
             Some(gate),
         );
         let mut out = Vec::new();
-        let n = stream.read_to_end(&mut out).await.unwrap();
+        let n = stream.read_to_end(&mut out).await?;
         assert_eq!(n, total);
-        start.elapsed()
+        Ok(start.elapsed())
     }
 
     /// Reads from one buffer, writes to another: an outbound stream's two halves.
@@ -263,26 +267,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn circuit_streams_read_at_the_peers_rate_and_others_are_free() {
+    async fn circuit_streams_read_at_the_peers_rate_and_others_are_free() -> io::Result<()> {
         let throttle = RelayThrottle::new(100 * 1024, Counter::default());
         let gate = throttle.gate(PeerId::random());
         // 500 KiB at 100 KiB/s after a 100 KiB burst: 4 s.
         let took = read_inbound(Arc::clone(&gate), &hop(), 500 * 1024)
-            .await
+            .await?
             .as_secs_f64();
         assert!((3.9..=4.5).contains(&took), "{took}");
         assert!(throttle.waits.get() > 0);
         // The same peer's ping stream (and the bucket now empty): not held back.
-        let took = read_inbound(Arc::clone(&gate), "/ipfs/ping/1.0.0", 500 * 1024).await;
+        let took = read_inbound(Arc::clone(&gate), "/ipfs/ping/1.0.0", 500 * 1024).await?;
         assert!(took.as_secs_f64() < 0.01, "{took:?}");
         // A stop stream the peer opened to us is our own relayed connection: free.
         let stop = relay::STOP_PROTOCOL_NAME.to_string();
-        let took = read_inbound(gate, &stop, 500 * 1024).await;
+        let took = read_inbound(gate, &stop, 500 * 1024).await?;
         assert!(took.as_secs_f64() < 0.01, "{took:?}");
+        Ok(())
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_stop_stream_the_relay_opens_is_limited_too() {
+    async fn a_stop_stream_the_relay_opens_is_limited_too() -> io::Result<()> {
         let throttle = RelayThrottle::new(100 * 1024, Counter::default());
         let gate = throttle.gate(PeerId::random());
         let start = tokio::time::Instant::now();
@@ -294,18 +299,18 @@ mod tests {
         let mut stream = Counted::new(duplex, StreamGauge::default(), Side::Writes, Some(gate));
         stream
             .write_all(&proposal(relay::STOP_PROTOCOL_NAME.as_ref()))
-            .await
-            .unwrap();
+            .await?;
         let mut out = Vec::new();
-        stream.read_to_end(&mut out).await.unwrap();
+        stream.read_to_end(&mut out).await?;
         let took = start.elapsed().as_secs_f64();
         assert_eq!(out.len(), 300 * 1024);
         // 300 KiB at 100 KiB/s after a 100 KiB burst: 2 s.
         assert!((1.9..=2.5).contains(&took), "{took}");
+        Ok(())
     }
 
     #[tokio::test(start_paused = true)]
-    async fn all_circuit_streams_of_a_peer_share_its_one_rate() {
+    async fn all_circuit_streams_of_a_peer_share_its_one_rate() -> io::Result<()> {
         let throttle = RelayThrottle::new(100 * 1024, Counter::default());
         let peer = PeerId::random();
         let (g0, g1) = (throttle.gate(peer), throttle.gate(peer));
@@ -313,12 +318,15 @@ mod tests {
         // Two streams of 250 KiB each: 500 KiB in all, 4 s as for one stream.
         let hop = hop();
         let start = tokio::time::Instant::now();
-        tokio::join!(
+        let (r0, r1) = tokio::join!(
             read_inbound(g0, &hop, 250 * 1024),
             read_inbound(g1, &hop, 250 * 1024)
         );
+        r0?;
+        r1?;
         let took = start.elapsed().as_secs_f64();
         assert!((3.9..=4.5).contains(&took), "{took}");
+        Ok(())
     }
 
     #[test]

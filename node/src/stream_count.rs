@@ -392,7 +392,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_counts_while_it_lives_under_the_protocol_it_negotiates() {
+    fn a_stream_counts_while_it_lives_under_the_protocol_it_negotiates() -> io::Result<()> {
         let gauge = StreamGauge::default();
         let mut inbound = message("/multistream/1.0.0");
         inbound.extend(message("/servant/file/1.0.0"));
@@ -400,18 +400,16 @@ mod tests {
         assert_eq!(count(&gauge, NEGOTIATING), 1);
         futures::executor::block_on(async {
             let mut buf = [0u8; 4];
-            while stream.read(&mut buf).await.unwrap() > 0 {}
-        });
+            while stream.read(&mut buf).await? > 0 {}
+            io::Result::Ok(())
+        })?;
         assert_eq!(count(&gauge, NEGOTIATING), 0);
         assert_eq!(count(&gauge, "/servant/file/1.0.0"), 1);
         let mut outbound = Counted::new(Cursor::new(Vec::new()), gauge.clone(), Side::Writes, None);
         futures::executor::block_on(async {
-            outbound.write_all(HEADER).await.unwrap();
-            outbound
-                .write_all(&message("/ipfs/id/1.0.0"))
-                .await
-                .unwrap();
-        });
+            outbound.write_all(HEADER).await?;
+            outbound.write_all(&message("/ipfs/id/1.0.0")).await
+        })?;
         assert_eq!(count(&gauge, "/ipfs/id/1.0.0"), 1);
         drop(stream);
         drop(outbound);
@@ -425,5 +423,6 @@ mod tests {
             None,
         ));
         assert_eq!(count(&gauge, NEGOTIATING), 0);
+        Ok(())
     }
 }
