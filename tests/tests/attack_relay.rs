@@ -184,28 +184,50 @@ async fn abuser(src: &str, relay_id: PeerId, relay_tcp: Multiaddr) -> Result<Han
     })
 }
 
+/// Starts a super-peer relay with `args`; returns its index, PeerId and TCP address.
+async fn start_relay(net: &mut Net, args: &[&str]) -> Result<(usize, PeerId, Multiaddr)> {
+    let mut all = vec!["--role".to_string(), "super".into()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let r = net.add("relay", &all);
+    // A relay hands out reservations only with an address to put in them: on
+    // loopback nobody can confirm one, so it is announced.
+    let relay_tcp: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", net[r].p2p_port).parse()?;
+    net[r]
+        .args
+        .extend(["--announce".into(), relay_tcp.to_string()]);
+    net[r].start().await?;
+    Ok((r, net[r].id(), relay_tcp))
+}
+
+/// Has `from` dial `to` through the relay; the answer arrives on the returned channel.
+async fn dial_through(
+    from: &Handle,
+    to: PeerId,
+    relay_id: PeerId,
+    relay_tcp: &Multiaddr,
+) -> Result<oneshot::Receiver<Result<()>>> {
+    let addr = relay_tcp
+        .clone()
+        .with(Protocol::P2p(relay_id))
+        .with(Protocol::P2pCircuit)
+        .with(Protocol::P2p(to));
+    let (tx, rx) = oneshot::channel();
+    from.commands
+        .send(Command::Dial(addr, to, tx))
+        .await
+        .map_err(|_| anyhow!("abuser task gone"))?;
+    Ok(rx)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservations_and_circuits_stay_within_the_relay_limits() -> Result<()> {
     hostile::raise_fd_limit();
     let mut net = Net::new();
-    let r = net.add(
-        "relay",
-        &[
-            "--role".into(),
-            "super".into(),
-            "--conn-high".into(),
-            "256".into(),
-            "--max-connections".into(),
-            "512".into(),
-        ],
-    );
-    // A relay hands out reservations only with an address to put in them: on
-    // loopback nobody can confirm one, so it is announced.
-    let announce = format!("/ip4/127.0.0.1/tcp/{}", net[r].p2p_port);
-    net[r].args.extend(["--announce".into(), announce]);
-    net[r].start().await?;
-    let relay_id = net[r].id();
-    let relay_tcp: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", net[r].p2p_port).parse()?;
+    let (r, relay_id, relay_tcp) = start_relay(
+        &mut net,
+        &["--conn-high", "256", "--max-connections", "512"],
+    )
+    .await?;
 
     let started = Instant::now();
     let mut abusers = Vec::with_capacity(ABUSERS);
@@ -270,18 +292,7 @@ async fn reservations_and_circuits_stay_within_the_relay_limits() -> Result<()> 
     let mut replies = Vec::new();
     for (from, to) in &pairs {
         let target = abusers[*to].peer_id;
-        let addr = relay_tcp
-            .clone()
-            .with(Protocol::P2p(relay_id))
-            .with(Protocol::P2pCircuit)
-            .with(Protocol::P2p(target));
-        let (tx, rx) = oneshot::channel();
-        abusers[*from]
-            .commands
-            .send(Command::Dial(addr, target, tx))
-            .await
-            .map_err(|_| anyhow!("abuser task gone"))?;
-        replies.push(rx);
+        replies.push(dial_through(&abusers[*from], target, relay_id, &relay_tcp).await?);
     }
     let mut opened = Vec::new();
     for (reply, pair) in replies.into_iter().zip(pairs.iter()) {
@@ -389,22 +400,12 @@ async fn pump(control: &mut libp2p_stream::Control, to: PeerId, secs: u64) -> Re
 async fn a_data_relay_holds_each_pumping_peer_to_its_rate() -> Result<()> {
     hostile::raise_fd_limit();
     let mut net = Net::new();
-    let r = net.add(
-        "relay",
-        &[
-            "--role".into(),
-            "super".into(),
-            "--relay-profile".into(),
-            "data".into(),
-            "--relay-rate-per-peer".into(),
-            format!("{}KiB", DATA_RATE / 1024),
-        ],
-    );
-    let announce = format!("/ip4/127.0.0.1/tcp/{}", net[r].p2p_port);
-    net[r].args.extend(["--announce".into(), announce]);
-    net[r].start().await?;
-    let relay_id = net[r].id();
-    let relay_tcp: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", net[r].p2p_port).parse()?;
+    let rate = format!("{}KiB", DATA_RATE / 1024);
+    let (r, relay_id, relay_tcp) = start_relay(
+        &mut net,
+        &["--relay-profile", "data", "--relay-rate-per-peer", &rate],
+    )
+    .await?;
     let mut peers = Vec::new();
     for i in 0..4 {
         let peer = abuser(SOURCES[i % SOURCES.len()], relay_id, relay_tcp.clone()).await?;
@@ -412,18 +413,7 @@ async fn a_data_relay_holds_each_pumping_peer_to_its_rate() -> Result<()> {
         peers.push(peer);
     }
     for (from, to) in [(0, 1), (2, 3)] {
-        let target = peers[to].peer_id;
-        let addr = relay_tcp
-            .clone()
-            .with(Protocol::P2p(relay_id))
-            .with(Protocol::P2pCircuit)
-            .with(Protocol::P2p(target));
-        let (tx, rx) = oneshot::channel();
-        peers[from]
-            .commands
-            .send(Command::Dial(addr, target, tx))
-            .await
-            .map_err(|_| anyhow!("peer task gone"))?;
+        let rx = dial_through(&peers[from], peers[to].peer_id, relay_id, &relay_tcp).await?;
         tokio::time::timeout(Duration::from_secs(15), rx)
             .await
             .map_err(|_| anyhow!("no circuit within 15 s"))?
