@@ -93,8 +93,14 @@ pub(crate) async fn shares(api: &ApiArgs) -> Result<(), ClientError> {
         } else {
             format!("{}/{}", c.have_chunks, c.chunks)
         };
+        // A fetched file the store links is served from its output: say where, so
+        // the user knows moving or editing it stops that.
+        let kept = c
+            .path
+            .map(|p| format!("  (kept at {})", printable(&p.display().to_string())))
+            .unwrap_or_default();
         println!(
-            "{:<64}  {:>10}  {:<8}  {:<9}  {}",
+            "{:<64}  {:>10}  {:<8}  {:<9}  {}{kept}",
             c.id,
             human(c.size),
             state,

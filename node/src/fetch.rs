@@ -9,11 +9,13 @@
 //! is written; a provider that sends a corrupt chunk is penalized and not asked again
 //! in this fetch, and the chunk goes back in the queue for another provider.
 //!
-//! Verified chunks are written to the content store as they arrive, so an interrupted
-//! fetch (a closed client, a killed node) resumes from them. A single file also goes
-//! straight to its output's part file as it arrives ([`PartFile`]), so completion is a
-//! rename; a directory, or content the store already holds, is exported from the
-//! store through a temporary file and a rename. Then the node starts providing it.
+//! Verified chunks are kept as they arrive, so an interrupted fetch (a closed client,
+//! a killed node) resumes from them. A single file to a path is normally linked by the
+//! store ([`Store::link`]): each chunk is written once, to its offset in the output's
+//! part file, and completion is a rename. Otherwise (content partly held as blocks
+//! already) chunks go to the store as blocks and also to a part file ([`PartFile`]);
+//! a directory, or content the store already holds, is exported from the store
+//! through a temporary file and a rename. Then the node starts providing it.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -323,7 +325,7 @@ impl Fetch {
         let id = self.request.id;
         let store = self.ctx.store.clone();
         let complete = store.info(id).is_some_and(|i| i.complete);
-        let (manifest, have) = if complete {
+        let (manifest, mut have) = if complete {
             let bytes = store
                 .manifest_bytes(id)?
                 .ok_or(FetchError::Store(StoreError::NotFound(id)))?;
@@ -334,6 +336,28 @@ impl Fetch {
             blocking(move || store.begin_fetch(id, &bytes)).await?
         };
         let total = manifest.chunk_count() as u64;
+        let path = self.request.out.clone().or_else(|| {
+            self.request
+                .dir
+                .as_ref()
+                .map(|d| d.join(manifest.safe_name()))
+        });
+        let mut linked = false;
+        // Without an output path, a content linked by an earlier fetch still resumes
+        // into that fetch's part file.
+        let link_to = path
+            .clone()
+            .or_else(|| self.ctx.store.info(id).and_then(|i| i.path));
+        if let Some(link_to) = link_to {
+            if manifest.kind == Kind::File && have.contains(&false) {
+                let store = self.ctx.store.clone();
+                let (path, overwrite) = (link_to, self.request.overwrite);
+                if let Some(verified) = blocking(move || store.link(id, &path, overwrite)).await? {
+                    have = verified;
+                    linked = true;
+                }
+            }
+        }
         let resumed = have.iter().filter(|h| **h).count() as u64;
         self.report(Progress::Started {
             id,
@@ -351,14 +375,8 @@ impl Fetch {
             .filter(|(_, h)| !**h)
             .map(|(i, _)| i as u64)
             .collect();
-        let path = self.request.out.clone().or_else(|| {
-            self.request
-                .dir
-                .as_ref()
-                .map(|d| d.join(manifest.safe_name()))
-        });
         let part = match &path {
-            Some(path) if manifest.kind == Kind::File && !queue.is_empty() => {
+            Some(path) if manifest.kind == Kind::File && !queue.is_empty() && !linked => {
                 let (store, manifest, have) =
                     (self.ctx.store.clone(), manifest.clone(), have.clone());
                 let (path, overwrite) = (path.clone(), self.request.overwrite);
@@ -404,6 +422,8 @@ impl Fetch {
         let _ = self.ctx.client.provide(id).await;
         match (part, &path) {
             (Some(part), _) => blocking(move || part.finish()).await.map(drop)?,
+            // Completing renamed the part file onto the output.
+            (None, Some(_)) if linked => {}
             (None, Some(path)) => {
                 let store = self.ctx.store.clone();
                 let (path, overwrite) = (path.clone(), self.request.overwrite);

@@ -38,6 +38,7 @@ pub mod identity;
 pub mod ip_limits;
 pub mod keep_alive;
 pub mod known_peers;
+mod linked;
 pub mod log_limit;
 pub mod logging;
 pub mod metrics;

@@ -5,12 +5,16 @@
 //! the last chunk. Here each verified chunk also goes to its offset in
 //! `<out>.servant-part`, so completion is an fsync and a rename.
 //!
-//! The store stays the record of what is verified: a part file left by a killed
-//! node may hold a chunk half-written, so a resumed fetch starts a new part file and
-//! copies the chunks the store already holds into it.
+//! Two ways use it. For a fetch the store links (see [`crate::linked`]) the part file
+//! is the only copy: the store records which chunks in it are verified, and a part
+//! file found after a restart is re-hashed chunk by chunk ([`PartFile::reopen`]). For
+//! a fetch that also keeps blocks (content partly in the store already, or shared
+//! meanwhile) the store is the record of what is verified: a resumed fetch starts a
+//! new part file and copies the chunks the store holds into it.
 
 use std::{
     fs::{File, OpenOptions},
+    io,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
 };
@@ -41,7 +45,9 @@ impl PartFile {
         }
         let part = with_suffix(out, PART_SUFFIX);
         remove_any(&part).map_err(|e| io_err(format!("removing stale {}", part.display()), e))?;
+        // Readable too: a linked fetch serves the chunks it has from here.
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
             .open(&part)
@@ -53,6 +59,51 @@ impl PartFile {
             part,
             out: out.to_path_buf(),
         })
+    }
+
+    /// Opens the `<out>.servant-part` an interrupted fetch left, keeping its bytes
+    /// (the caller re-hashes them), or starts an empty one if there is none. The
+    /// output itself is checked as by [`PartFile::create`].
+    pub fn reopen(out: &Path, size: u64, overwrite: bool) -> Result<Self, StoreError> {
+        let part = with_suffix(out, PART_SUFFIX);
+        match std::fs::symlink_metadata(&part) {
+            Ok(meta) if meta.is_file() => {}
+            _ => return Self::create(out, size, overwrite),
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(out) {
+            if meta.is_dir() || !overwrite {
+                return Err(StoreError::AlreadyExists(out.to_path_buf()));
+            }
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&part)
+            .map_err(|e| io_err(format!("opening {}", part.display()), e))?;
+        file.set_len(size)
+            .map_err(|e| io_err(format!("sizing {}", part.display()), e))?;
+        Ok(PartFile {
+            file,
+            part,
+            out: out.to_path_buf(),
+        })
+    }
+
+    /// Reads `len` bytes at `offset`: a chunk written earlier, or zeros where none was.
+    pub fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+
+    /// Where the file is while it fills.
+    pub fn part_path(&self) -> &Path {
+        &self.part
+    }
+
+    /// Where it goes when it is whole.
+    pub fn out_path(&self) -> &Path {
+        &self.out
     }
 
     /// Writes a verified chunk at its offset.

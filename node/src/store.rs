@@ -28,6 +28,10 @@
 //!
 //! An export of content to `out` is built at `<out>.servant-part` and renamed onto
 //! `out`, so the output path only ever holds a whole, verified file or directory.
+//!
+//! A single file fetched to a path is usually not held as blocks at all: the store
+//! *links* it ([`Store::link`], see [`crate::linked`]), keeping its chunks only in the
+//! output file, re-hashed whenever they are read. The index records the link.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -44,6 +48,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use crate::{linked::Linked, part_file::PartFile};
 use serde::{Deserialize, Serialize};
 use servant_protocol::manifest::{
     ContentId, Entry, Hash, Kind, Manifest, ManifestError, MANIFEST_VERSION, MAX_CHUNK_SIZE,
@@ -230,6 +235,10 @@ pub struct ContentInfo {
     pub have_chunks: u64,
     /// Last import, fetch, export or serve, in unix seconds.
     pub last_used: u64,
+    /// Where the file is kept when the store links a fetched file instead of holding
+    /// its blocks (the output the fetch wrote; the user's to move or delete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
 }
 
 /// One content known to the store.
@@ -241,6 +250,8 @@ struct Content {
     last_used: u64,
     /// Orders uses within the same second, so LRU eviction is exact; memory only.
     seq: u64,
+    /// Kept in a file outside the store (no block references held), if linked.
+    linked: Option<Linked>,
 }
 
 /// One distinct block referenced by some content (or found on disk).
@@ -293,6 +304,22 @@ impl Inner {
         manifest.chunks().filter(|r| !self.present(&r.hash)).count() as u64
     }
 
+    /// Per chunk of `c`, whether it is held: as a block, or verified in its linked file.
+    fn presence_of(&self, c: &Content) -> Vec<bool> {
+        match &c.linked {
+            Some(l) => l.have.clone(),
+            None => self.presence(&c.manifest),
+        }
+    }
+
+    /// Chunks of `c` not held.
+    fn missing_of(&self, c: &Content) -> u64 {
+        match &c.linked {
+            Some(l) => l.have.iter().filter(|h| !**h).count() as u64,
+            None => self.missing(&c.manifest),
+        }
+    }
+
     /// Takes one reference on every distinct block of `manifest`.
     fn hold_manifest(&mut self, manifest: &Manifest) {
         for (hash, len) in distinct_blocks(manifest) {
@@ -317,12 +344,9 @@ impl Inner {
             chunks: c.manifest.chunk_count() as u64,
             pinned: c.pinned,
             complete: c.complete,
-            have_chunks: c
-                .manifest
-                .chunks()
-                .filter(|r| self.present(&r.hash))
-                .count() as u64,
+            have_chunks: c.manifest.chunk_count() as u64 - self.missing_of(c),
             last_used: c.last_used,
+            path: c.linked.as_ref().map(|l| l.out.clone()),
         }
     }
 }
@@ -349,6 +373,9 @@ struct IndexEntry {
     pinned: bool,
     complete: bool,
     last_used: u64,
+    /// The output file a linked content is kept in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    linked: Option<PathBuf>,
 }
 
 /// The content-addressed store. `Send + Sync`: share it in an `Arc` and call it from
@@ -517,16 +544,41 @@ impl Store {
             let now = now_secs();
             let mut unlisted: HashSet<ContentId> = HashSet::new();
             for (id, manifest) in manifests {
-                let (pinned, complete, last_used) = match index.remove(&id) {
-                    Some(e) => (e.pinned, e.complete, e.last_used),
+                let (pinned, mut complete, last_used, out) = match index.remove(&id) {
+                    Some(e) => (e.pinned, e.complete, e.last_used, e.linked),
                     None => {
                         tracing::info!(%id, "content missing from the store index; picked up from its manifest");
                         inner.dirty = true;
                         unlisted.insert(id);
-                        (false, false, now)
+                        (false, false, now, None)
                     }
                 };
-                inner.hold_manifest(&manifest);
+                let linked = match out {
+                    Some(out) => {
+                        let size = manifest.total_size();
+                        let mut l = Linked::new(out, manifest.chunk_count(), None);
+                        if complete {
+                            // Only the size is checked here; every read re-hashes.
+                            match fs::metadata(&l.out) {
+                                Ok(meta) if meta.is_file() && meta.len() == size => {
+                                    l.have.fill(true);
+                                    inner.used += size;
+                                }
+                                _ => {
+                                    tracing::warn!(%id, path = %l.out.display(),
+                                        "the file a fetched content was kept in is gone or changed; no longer serving it");
+                                    complete = false;
+                                    inner.dirty = true;
+                                }
+                            }
+                        }
+                        Some(l)
+                    }
+                    None => {
+                        inner.hold_manifest(&manifest);
+                        None
+                    }
+                };
                 inner.contents.insert(
                     id,
                     Content {
@@ -535,6 +587,7 @@ impl Store {
                         complete,
                         last_used,
                         seq: 0,
+                        linked,
                     },
                 );
             }
@@ -546,7 +599,7 @@ impl Store {
             let mut broken = Vec::new();
             let mut whole = Vec::new();
             for (id, c) in &inner.contents {
-                let missing = inner.missing(&c.manifest);
+                let missing = inner.missing_of(c);
                 if c.complete && missing > 0 {
                     broken.push(*id);
                 } else if !c.complete && missing == 0 && unlisted.contains(id) {
@@ -861,8 +914,22 @@ impl Store {
                 tracing::warn!(path = %path.display(), error = %e, "could not remove manifest");
             }
         }
-        for hash in distinct_blocks(&c.manifest).keys() {
-            self.release_block(inner, hash);
+        match &c.linked {
+            Some(l) => {
+                inner.used = inner.used.saturating_sub(l.bytes(&c.manifest));
+                // The finished file is the user's; an unfinished one is ours.
+                if !c.complete {
+                    let part = l.part_path();
+                    if let Err(e) = remove_any(&part) {
+                        tracing::warn!(path = %part.display(), error = %e, "could not remove partial output");
+                    }
+                }
+            }
+            None => {
+                for hash in distinct_blocks(&c.manifest).keys() {
+                    self.release_block(inner, hash);
+                }
+            }
         }
         inner.dirty = true;
         true
@@ -895,7 +962,10 @@ impl Store {
             }
         }
         for (id, c) in inner.contents.iter_mut() {
-            if c.complete && c.manifest.entries.iter().any(|e| e.chunks.contains(hash)) {
+            if c.complete
+                && c.linked.is_none()
+                && c.manifest.entries.iter().any(|e| e.chunks.contains(hash))
+            {
                 tracing::warn!(%id, block = %hash, "content lost a block; marked incomplete");
                 c.complete = false;
             }
@@ -916,6 +986,7 @@ impl Store {
                     pinned: c.pinned,
                     complete: c.complete,
                     last_used: c.last_used,
+                    linked: c.linked.as_ref().map(|l| l.out.clone()),
                 })
                 .collect();
             contents.sort_by_key(|e| e.id);
@@ -1010,7 +1081,24 @@ impl Store {
         {
             let mut inner = self.lock();
             let known = inner.contents.get(&id).map(|c| Arc::clone(&c.manifest));
-            if let Some(known) = known {
+            let linked = inner.contents.get_mut(&id).and_then(|c| {
+                c.linked
+                    .take()
+                    .map(|l| (l, c.complete, Arc::clone(&c.manifest)))
+            });
+            if let Some((l, was_complete, m)) = linked {
+                // Shared content is held as blocks, which the import just stored: the
+                // link is dropped (the user's file stays; an unfinished part goes).
+                inner.used = inner.used.saturating_sub(l.bytes(&m));
+                if !was_complete {
+                    let _ = remove_any(&l.part_path());
+                }
+                if let Some(c) = inner.contents.get_mut(&id) {
+                    c.pinned = true;
+                    c.complete = true;
+                }
+                refs.commit();
+            } else if let Some(known) = known {
                 let complete = inner.missing(&known) == 0;
                 if let Some(c) = inner.contents.get_mut(&id) {
                     c.pinned = true;
@@ -1029,6 +1117,7 @@ impl Store {
                         complete: true,
                         last_used: 0,
                         seq: 0,
+                        linked: None,
                     },
                 );
                 refs.commit();
@@ -1119,8 +1208,9 @@ impl Store {
         }
         if let Some(c) = inner.contents.get(&id) {
             let manifest = Arc::clone(&c.manifest);
+            let presence = inner.presence_of(c);
             inner.touch(&id);
-            return Ok(((*manifest).clone(), inner.presence(&manifest)));
+            return Ok(((*manifest).clone(), presence));
         }
         let needed: u64 = distinct_blocks(&manifest)
             .iter()
@@ -1149,6 +1239,7 @@ impl Store {
                 complete: false,
                 last_used: 0,
                 seq: 0,
+                linked: None,
             },
         );
         inner.touch(&id);
@@ -1159,23 +1250,148 @@ impl Store {
 
     /// Verifies chunk `index` of `id` against its hash in the manifest
     /// ([`StoreError::HashMismatch`] and nothing written otherwise), then stores it.
+    /// A linked content's chunk goes to its part file instead of a block.
     pub fn put_chunk(&self, id: ContentId, index: u64, data: &[u8]) -> Result<(), StoreError> {
-        let manifest = self.manifest_arc(&id).ok_or(StoreError::NotFound(id))?;
+        let (manifest, linked) = {
+            let inner = self.lock();
+            let c = inner.contents.get(&id).ok_or(StoreError::NotFound(id))?;
+            let linked = c.linked.as_ref().map(|l| (l.has(index), l.part.clone()));
+            (Arc::clone(&c.manifest), linked)
+        };
         let chunk = manifest.chunk(index).ok_or(StoreError::BadIndex(index))?;
         if data.len() != chunk.len as usize || Hash::of(data) != chunk.hash {
             return Err(StoreError::HashMismatch { index });
         }
-        if self.lock().present(&chunk.hash) {
-            return Ok(());
+        match linked {
+            Some((true, _)) => Ok(()),
+            Some((false, Some(part))) => {
+                part.write_at(chunk.offset, data)?;
+                let mut inner = self.lock();
+                let inner = &mut *inner;
+                let added = inner
+                    .contents
+                    .get_mut(&id)
+                    .and_then(|c| c.linked.as_mut())
+                    .is_some_and(|l| l.set(index, true));
+                if added {
+                    inner.used += u64::from(chunk.len);
+                }
+                Ok(())
+            }
+            Some((false, None)) => Err(StoreError::Io {
+                context: format!("writing chunk {index} of {id}"),
+                source: io::Error::other("its output file is not open; fetch it again"),
+            }),
+            None => {
+                if self.lock().present(&chunk.hash) {
+                    return Ok(());
+                }
+                self.store_block(&chunk.hash, data, index)
+            }
         }
-        self.store_block(&chunk.hash, data, index)
     }
 
-    fn manifest_arc(&self, id: &ContentId) -> Option<Arc<Manifest>> {
-        self.lock()
-            .contents
-            .get(id)
-            .map(|c| Arc::clone(&c.manifest))
+    /// Keeps a single-file fetch of `id` only in its output file: chunks go to
+    /// `<out>.servant-part` (created, or reopened and re-hashed after an interruption,
+    /// or moved there from an earlier output path) and [`Store::complete`] renames it
+    /// onto `out`. Returns which chunks are verified, or `None` when the content is
+    /// not linkable (a directory, shared, complete, or partly held as blocks), so the
+    /// caller keeps blocks and writes its own part file. An existing `out` is refused
+    /// unless `overwrite`.
+    pub fn link(
+        &self,
+        id: ContentId,
+        out: &Path,
+        overwrite: bool,
+    ) -> Result<Option<Vec<bool>>, StoreError> {
+        let (manifest, earlier) = {
+            let mut inner = self.lock();
+            let c = inner.contents.get(&id).ok_or(StoreError::NotFound(id))?;
+            if c.manifest.kind != Kind::File || c.pinned || c.complete {
+                return Ok(None);
+            }
+            let earlier = match &c.linked {
+                Some(l) if l.part.is_some() && l.out == out => return Ok(Some(l.have.clone())),
+                Some(l) => Some((l.out.clone(), l.part.is_some().then(|| l.have.clone()))),
+                None if inner.presence(&c.manifest).contains(&true) => return Ok(None),
+                None => None,
+            };
+            let manifest = Arc::clone(&c.manifest);
+            if let Some(c) = inner.contents.get_mut(&id) {
+                // Closed before any move, so no write lands in a handle of a file
+                // that is being renamed away.
+                if let Some(l) = c.linked.as_mut() {
+                    l.part = None;
+                }
+            }
+            (manifest, earlier)
+        };
+        let size = manifest.total_size();
+        let (part, have) = match earlier {
+            None => (
+                PartFile::create(out, size, overwrite)?,
+                vec![false; manifest.chunk_count()],
+            ),
+            Some((old_out, have)) => {
+                if old_out != out {
+                    let from = with_suffix(&old_out, PART_SUFFIX);
+                    let to = with_suffix(out, PART_SUFFIX);
+                    if fs::symlink_metadata(&from).is_ok() {
+                        if let Ok(meta) = fs::symlink_metadata(out) {
+                            if meta.is_dir() || !overwrite {
+                                return Err(StoreError::AlreadyExists(out.to_path_buf()));
+                            }
+                        }
+                        if let Err(e) = fs::rename(&from, &to) {
+                            // Another filesystem, say: the verified chunks are
+                            // fetched again rather than copied.
+                            tracing::warn!(from = %from.display(), to = %to.display(), error = %e,
+                                "could not move the partial output; starting it again");
+                            let _ = remove_any(&from);
+                        }
+                    }
+                }
+                let part = PartFile::reopen(out, size, overwrite)?;
+                let have = match have {
+                    Some(have) => have,
+                    None => crate::linked::scan(&part, &manifest).map_err(|e| {
+                        io_err(format!("reading {}", part.part_path().display()), e)
+                    })?,
+                };
+                (part, have)
+            }
+        };
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let Some(c) = inner.contents.get_mut(&id) else {
+            part.abandon();
+            return Err(StoreError::NotFound(id));
+        };
+        if c.pinned || c.complete {
+            // Shared or finished meanwhile: the blocks are the record now.
+            part.abandon();
+            return Ok(None);
+        }
+        let fresh = c.linked.is_none();
+        let old_bytes = c.linked.as_ref().map_or(0, |l| l.bytes(&c.manifest));
+        let mut l = Linked::new(out.to_path_buf(), have.len(), Some(Arc::new(part)));
+        l.have = have.clone();
+        let new_bytes = l.bytes(&c.manifest);
+        c.linked = Some(l);
+        let manifest = Arc::clone(&c.manifest);
+        inner.used = inner.used.saturating_sub(old_bytes) + new_bytes;
+        if fresh {
+            // The references begin_fetch took: a linked content holds no block.
+            for hash in distinct_blocks(&manifest).keys() {
+                self.release_block(inner, hash);
+            }
+        }
+        inner.dirty = true;
+        drop(guard);
+        self.persist_logged();
+        let verified = have.iter().filter(|h| **h).count();
+        tracing::info!(%id, out = %out.display(), verified, "fetching into the output file only");
+        Ok(Some(have))
     }
 
     /// Marks a fetched content complete once every chunk is stored
@@ -1183,23 +1399,34 @@ impl Store {
     /// complete, unpinned contents other than `id` until the blocks fit the quota.
     /// Returns the evicted ids, which the node must stop providing. Pinned content is
     /// never evicted, even over quota.
+    ///
+    /// A linked content's part file is synced and renamed onto its output first.
     pub fn complete(&self, id: ContentId) -> Result<Vec<ContentId>, StoreError> {
-        let mut inner = self.lock();
-        let manifest = inner
-            .contents
-            .get(&id)
-            .map(|c| Arc::clone(&c.manifest))
-            .ok_or(StoreError::NotFound(id))?;
-        let missing = inner.missing(&manifest);
-        if missing > 0 {
-            return Err(StoreError::Incomplete {
-                id,
-                missing,
-                total: manifest.chunk_count() as u64,
-            });
+        let part = {
+            let inner = self.lock();
+            let c = inner.contents.get(&id).ok_or(StoreError::NotFound(id))?;
+            let missing = inner.missing_of(c);
+            if missing > 0 {
+                return Err(StoreError::Incomplete {
+                    id,
+                    missing,
+                    total: c.manifest.chunk_count() as u64,
+                });
+            }
+            c.linked.as_ref().and_then(|l| l.part.clone())
+        };
+        // Outside the lock: syncing a large file can take a while on a real disk.
+        if let Some(part) = &part {
+            part.finish()?;
         }
+        let mut inner = self.lock();
         if let Some(c) = inner.contents.get_mut(&id) {
             c.complete = true;
+            if let Some(l) = c.linked.as_mut() {
+                // Read by path from now on: the file is the user's, and a handle
+                // would keep serving a version they replaced.
+                l.part = None;
+            }
         }
         inner.touch(&id);
         let evicted = self.evict(&mut inner, &id);
@@ -1255,6 +1482,9 @@ impl Store {
     /// the manifest's hashes are read, never a path derived from the request; the
     /// block is verified, and a damaged one is dropped (and reported as absent).
     pub fn read_chunk(&self, id: ContentId, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(read) = self.read_linked(id, index) {
+            return read;
+        }
         let (chunk, persist, verified) = {
             let mut inner = self.lock();
             let Some(chunk) = inner
@@ -1307,6 +1537,76 @@ impl Store {
         }
     }
 
+    /// [`Store::read_chunk`] for a linked content (`None` if `id` is not linked): from
+    /// the part file while fetching, from the output afterwards, always re-hashed.
+    fn read_linked(
+        &self,
+        id: ContentId,
+        index: u64,
+    ) -> Option<Result<Option<Vec<u8>>, StoreError>> {
+        let (chunk, source) = {
+            let mut inner = self.lock();
+            let c = inner.contents.get(&id)?;
+            let l = c.linked.as_ref()?;
+            let Some(chunk) = c.manifest.chunk(index).filter(|_| l.has(index)) else {
+                return Some(Ok(None));
+            };
+            let source = match &l.part {
+                Some(part) => Ok(Arc::clone(part)),
+                None => Err(l.out.clone()),
+            };
+            inner.touch(&id);
+            (chunk, source)
+        };
+        let (read, path) = match source {
+            Ok(part) => {
+                let read = part
+                    .read_at(chunk.offset, chunk.len as usize)
+                    .map(|data| (Hash::of(&data) == chunk.hash).then_some(data));
+                (read, part.part_path().to_path_buf())
+            }
+            Err(out) => {
+                let read = File::open(&out).and_then(|f| crate::linked::read_verified(&f, &chunk));
+                (read, out)
+            }
+        };
+        Some(match read {
+            Ok(Some(data)) => Ok(Some(data)),
+            Ok(None) => {
+                tracing::warn!(path = %path.display(), %id, index, "a fetched file no longer holds this chunk; not serving it");
+                self.lose_linked_chunk(id, index);
+                Ok(None)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::warn!(path = %path.display(), %id, "a fetched file is gone; not serving it");
+                self.lose_linked_chunk(id, index);
+                Ok(None)
+            }
+            Err(e) => Err(io_err(
+                format!("reading chunk {index} from {}", path.display()),
+                e,
+            )),
+        })
+    }
+
+    /// A linked chunk no longer matches (the user changed or removed the file): it
+    /// is missing now, and the content incomplete.
+    fn lose_linked_chunk(&self, id: ContentId, index: u64) {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let Some(c) = inner.contents.get_mut(&id) else {
+            return;
+        };
+        let len = c.manifest.chunk(index).map_or(0, |ch| u64::from(ch.len));
+        if let Some(l) = c.linked.as_mut() {
+            if l.set(index, false) {
+                inner.used = inner.used.saturating_sub(len);
+            }
+            c.complete = false;
+            inner.dirty = true;
+        }
+    }
+
     /// Assembles complete content at `out`: built at `<out>.servant-part` (a file or
     /// a directory) and renamed onto `out`, every block verified while copying. An
     /// existing `out` is refused unless `overwrite`. On any failure the partial
@@ -1319,9 +1619,14 @@ impl Store {
             if !c.complete {
                 return Err(StoreError::Incomplete {
                     id,
-                    missing: inner.missing(&manifest),
+                    missing: inner.missing_of(c),
                     total: manifest.chunk_count() as u64,
                 });
+            }
+            if c.linked.as_ref().is_some_and(|l| l.out == out) {
+                // Already there: the fetch that linked it wrote it to this path.
+                inner.touch(&id);
+                return Ok(());
             }
             // Most recently used now, so a concurrent eviction picks anything else.
             inner.touch(&id);
@@ -1420,6 +1725,15 @@ impl Store {
             .open(dest)
             .map_err(|err| io_err(format!("creating {}", dest.display()), err))?;
         let chunk_size = u64::from(manifest.chunk_size);
+        let linked = self
+            .lock()
+            .contents
+            .get(&id)
+            .and_then(|c| c.linked.as_ref())
+            .map(|l| l.out.clone());
+        if let Some(src) = linked {
+            return self.export_linked(id, manifest, &src, file, dest);
+        }
         for (i, hash) in e.chunks.iter().enumerate() {
             let index = first + i as u64;
             let len = (e.size - i as u64 * chunk_size).min(chunk_size);
@@ -1444,6 +1758,43 @@ impl Store {
                     return Err(io_err(
                         format!("reading chunk {index} from {}", path.display()),
                         err,
+                    ))
+                }
+            };
+            file.write_all(&data)
+                .map_err(|err| io_err(format!("writing {}", dest.display()), err))?;
+        }
+        file.sync_all()
+            .map_err(|err| io_err(format!("writing {}", dest.display()), err))
+    }
+
+    /// Copies a linked content from its file `src` into `file` (created at `dest`),
+    /// verifying each chunk as export does for blocks.
+    fn export_linked(
+        &self,
+        id: ContentId,
+        manifest: &Manifest,
+        src: &Path,
+        mut file: File,
+        dest: &Path,
+    ) -> Result<(), StoreError> {
+        let input = File::open(src).map_err(|e| io_err(format!("opening {}", src.display()), e))?;
+        for (index, chunk) in manifest.chunks().enumerate() {
+            let index = index as u64;
+            let data = match crate::linked::read_verified(&input, &chunk) {
+                Ok(Some(data)) => data,
+                Ok(None) => {
+                    self.lose_linked_chunk(id, index);
+                    return Err(StoreError::Corrupt {
+                        id,
+                        index,
+                        path: src.to_path_buf(),
+                    });
+                }
+                Err(e) => {
+                    return Err(io_err(
+                        format!("reading chunk {index} from {}", src.display()),
+                        e,
                     ))
                 }
             };
@@ -1530,7 +1881,8 @@ impl Store {
         ids
     }
 
-    /// Bytes of blocks on disk, each distinct block counted once.
+    /// Bytes the store accounts for: blocks on disk, each distinct block counted once,
+    /// plus the verified chunks of linked files.
     pub fn used_bytes(&self) -> u64 {
         self.lock().used
     }
@@ -1566,20 +1918,26 @@ fn pinned_bytes(inner: &Inner) -> u64 {
 
 fn reclaimable(inner: &Inner, keep: Option<&ContentId>) -> u64 {
     let mut counts: HashMap<Hash, u64> = HashMap::new();
+    let mut linked = 0;
     let now = now_secs();
     for (id, c) in &inner.contents {
         if Some(id) == keep || !evictable(c, now) {
+            continue;
+        }
+        if let Some(l) = &c.linked {
+            linked += l.bytes(&c.manifest);
             continue;
         }
         for hash in distinct_blocks(&c.manifest).into_keys() {
             *counts.entry(hash).or_default() += 1;
         }
     }
-    counts
+    let blocks: u64 = counts
         .iter()
         .filter_map(|(hash, n)| inner.blocks.get(hash).filter(|b| b.present && b.refs == *n))
         .map(|b| b.len)
-        .sum()
+        .sum();
+    blocks + linked
 }
 
 /// Puts the built `part` where `out` is, moving the old `out` aside first: a rename
@@ -1668,6 +2026,7 @@ fn walk(root: &Path) -> Result<Vec<(String, PathBuf)>, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     const CS: u32 = MIN_CHUNK_SIZE;
     const CSU: usize = CS as usize;
@@ -1711,6 +2070,199 @@ mod tests {
                 .unwrap();
         }
         id
+    }
+
+    /// Imports `data` into `src` and begins a linked fetch of it into `dst` at `out`:
+    /// `put` of its chunks are written before returning.
+    fn linked_fetch(
+        src: &Store,
+        dst: &Store,
+        dir: &Path,
+        name: &str,
+        data: &[u8],
+        out: &Path,
+        put_chunks: impl Fn(u64) -> bool,
+    ) -> ContentId {
+        let path = dir.join(name);
+        put(&path, data);
+        let (id, _) = src.import(&path, CS).unwrap();
+        let mbytes = src.manifest_bytes(id).unwrap().unwrap();
+        let (m, _) = dst.begin_fetch(id, &mbytes).unwrap();
+        let have = dst.link(id, out, false).unwrap().expect("linkable");
+        assert!(!have.contains(&true));
+        for i in (0..m.chunk_count() as u64).filter(|i| put_chunks(*i)) {
+            dst.put_chunk(id, i, &src.read_chunk(id, i).unwrap().unwrap())
+                .unwrap();
+        }
+        id
+    }
+
+    #[test]
+    fn a_linked_fetch_writes_each_chunk_once_and_serves_from_the_output() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = Store::open(&tmp.path().join("src"), u64::MAX).unwrap();
+        let dst_dir = tmp.path().join("dst");
+        let dst = Store::open(&dst_dir, u64::MAX).unwrap();
+        let data = bytes(3 * CSU + 17, 40);
+        let out = tmp.path().join("out.bin");
+        let id = linked_fetch(&src, &dst, tmp.path(), "a", &data, &out, |_| true);
+        assert_eq!(
+            block_files(&dst_dir),
+            0,
+            "no block is stored for a linked fetch"
+        );
+        assert!(!out.exists(), "the output appears only when whole");
+        // Chunks already verified are served from the part file during the fetch.
+        assert_eq!(dst.read_chunk(id, 1).unwrap().unwrap(), &data[CSU..2 * CSU]);
+        assert!(dst.complete(id).unwrap().is_empty());
+        assert_eq!(fs::read(&out).unwrap(), data);
+        assert!(!with_suffix(&out, PART_SUFFIX).exists());
+        let info = dst.info(id).unwrap();
+        assert!(info.complete && !info.pinned);
+        assert_eq!((info.have_chunks, info.path.as_deref()), (4, Some(&*out)));
+        assert_eq!(dst.used_bytes(), data.len() as u64);
+        assert_eq!(dst.read_chunk(id, 3).unwrap().unwrap(), &data[3 * CSU..]);
+        // Exporting to the path it is kept at is nothing to do; elsewhere, a copy.
+        dst.export(id, &out, false).unwrap();
+        let copy = tmp.path().join("copy.bin");
+        dst.export(id, &copy, false).unwrap();
+        assert_eq!(fs::read(&copy).unwrap(), data);
+
+        // The link survives a restart; the user's edit is caught at the next read.
+        drop(dst);
+        let dst = Store::open(&dst_dir, u64::MAX).unwrap();
+        assert!(dst.info(id).unwrap().complete);
+        let mut edited = data.clone();
+        edited[CSU + 5] ^= 1;
+        fs::write(&out, &edited).unwrap();
+        assert!(dst.read_chunk(id, 0).unwrap().is_some());
+        assert!(dst.read_chunk(id, 1).unwrap().is_none());
+        let info = dst.info(id).unwrap();
+        assert!(!info.complete);
+        assert_eq!(info.have_chunks, 3);
+        assert!(matches!(
+            dst.export(id, &tmp.path().join("x"), false),
+            Err(StoreError::Incomplete { .. })
+        ));
+        // Unsharing forgets it; the user's file stays.
+        assert!(dst.remove(id).unwrap());
+        assert_eq!(fs::read(&out).unwrap(), edited);
+        assert_eq!(dst.used_bytes(), 0);
+    }
+
+    #[test]
+    fn a_linked_fetch_resumes_from_its_part_file_after_a_restart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = Store::open(&tmp.path().join("src"), u64::MAX).unwrap();
+        let dst_dir = tmp.path().join("dst");
+        let dst = Store::open(&dst_dir, u64::MAX).unwrap();
+        let data = bytes(5 * CSU, 41);
+        let out = tmp.path().join("out.bin");
+        let id = linked_fetch(&src, &dst, tmp.path(), "r", &data, &out, |i| i % 2 == 0);
+        // A killed node: nothing but what is on disk survives.
+        std::mem::forget(dst);
+        let part = with_suffix(&out, PART_SUFFIX);
+        // A chunk half-written at the kill is not taken for verified.
+        let file = OpenOptions::new().write(true).open(&part).unwrap();
+        file.write_all_at(b"garbage", 2 * CS as u64).unwrap();
+        drop(file);
+        let dst = Store::open(&dst_dir, u64::MAX).unwrap();
+        let mbytes = src.manifest_bytes(id).unwrap().unwrap();
+        let (_, have) = dst.begin_fetch(id, &mbytes).unwrap();
+        assert!(
+            !have.contains(&true),
+            "verified chunks are known only after a re-hash"
+        );
+        let have = dst.link(id, &out, false).unwrap().unwrap();
+        assert_eq!(have, vec![true, false, false, false, true]);
+        for i in [1, 2, 3] {
+            dst.put_chunk(id, i, &src.read_chunk(id, i).unwrap().unwrap())
+                .unwrap();
+        }
+        dst.complete(id).unwrap();
+        assert_eq!(fs::read(&out).unwrap(), data);
+
+        // An interrupted linked fetch moved to another output keeps its chunks.
+        let other = bytes(2 * CSU, 42);
+        let first = tmp.path().join("first.bin");
+        let id2 = linked_fetch(&src, &dst, tmp.path(), "m", &other, &first, |i| i == 0);
+        let second = tmp.path().join("second.bin");
+        let have = dst.link(id2, &second, false).unwrap().unwrap();
+        assert_eq!(have, vec![true, false]);
+        assert!(!with_suffix(&first, PART_SUFFIX).exists());
+        dst.put_chunk(id2, 1, &src.read_chunk(id2, 1).unwrap().unwrap())
+            .unwrap();
+        dst.complete(id2).unwrap();
+        assert_eq!(fs::read(&second).unwrap(), other);
+    }
+
+    #[test]
+    fn linked_content_is_evicted_without_deleting_the_file_and_sharing_converts_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = Store::open(&tmp.path().join("src"), u64::MAX).unwrap();
+        let dst_dir = tmp.path().join("dst");
+        let dst = Store::open(&dst_dir, 2 * CS as u64).unwrap();
+        // Outputs under the sources' names, so sharing one gives the same id.
+        let outs = tmp.path().join("outs");
+        fs::create_dir(&outs).unwrap();
+        let (xo, yo) = (outs.join("x"), outs.join("y"));
+        let x = linked_fetch(&src, &dst, tmp.path(), "x", &bytes(CSU, 43), &xo, |_| true);
+        dst.complete(x).unwrap();
+        let y = linked_fetch(&src, &dst, tmp.path(), "y", &bytes(CSU, 44), &yo, |_| true);
+        dst.complete(y).unwrap();
+        let z = fetch_into(&src, &dst, tmp.path(), "z", &bytes(CSU, 45));
+        assert_eq!(dst.complete(z).unwrap(), vec![x]);
+        assert!(xo.exists(), "eviction never deletes the user's file");
+        assert_eq!(dst.used_bytes(), 2 * CS as u64);
+
+        // An unfinished linked fetch that is unshared loses its part file (ours).
+        let wo = tmp.path().join("w.out");
+        let w = linked_fetch(&src, &dst, tmp.path(), "w", &bytes(2 * CSU, 46), &wo, |i| {
+            i == 0
+        });
+        assert!(with_suffix(&wo, PART_SUFFIX).exists());
+        assert!(dst.remove(w).unwrap());
+        assert!(!with_suffix(&wo, PART_SUFFIX).exists());
+
+        // Sharing the same file turns the linked content into pinned blocks.
+        let (again, _) = dst.import(&yo, CS).unwrap();
+        assert_eq!(again, y);
+        let info = dst.info(y).unwrap();
+        assert!(info.pinned && info.complete && info.path.is_none());
+        fs::remove_file(&yo).unwrap();
+        assert!(dst.read_chunk(y, 0).unwrap().is_some());
+    }
+
+    #[test]
+    fn content_partly_held_as_blocks_or_a_directory_is_not_linked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = Store::open(&tmp.path().join("src"), u64::MAX).unwrap();
+        let dst = Store::open(&tmp.path().join("dst"), u64::MAX).unwrap();
+        let id = fetch_into(&src, &dst, tmp.path(), "b", &bytes(2 * CSU, 47));
+        assert!(dst
+            .link(id, &tmp.path().join("b.out"), false)
+            .unwrap()
+            .is_none());
+        let dir = tmp.path().join("tree");
+        put(&dir.join("a"), b"one");
+        put(&dir.join("sub/b"), b"two");
+        let (d, _) = src.import(&dir, CS).unwrap();
+        let mbytes = src.manifest_bytes(d).unwrap().unwrap();
+        dst.begin_fetch(d, &mbytes).unwrap();
+        assert!(dst
+            .link(d, &tmp.path().join("d.out"), false)
+            .unwrap()
+            .is_none());
+        let taken = tmp.path().join("taken");
+        put(&taken, b"keep");
+        let e = src.import(&tmp.path().join("tree/a"), CS).unwrap().0;
+        let ebytes = src.manifest_bytes(e).unwrap().unwrap();
+        dst.begin_fetch(e, &ebytes).unwrap();
+        assert!(matches!(
+            dst.link(e, &taken, false),
+            Err(StoreError::AlreadyExists(_))
+        ));
+        assert_eq!(fs::read(&taken).unwrap(), b"keep");
     }
 
     #[test]

@@ -110,6 +110,34 @@ async fn one_provider_files_and_a_directory_arrive_byte_identical() -> Result<()
         .await?;
     assert!(verified >= 300.0, "chunks verified: {verified}");
     println!("checked: fetched content is stored unpinned and counted in metrics");
+
+    // A fetched single file is kept only at its output (the store links it; no
+    // blocks), and the fetcher serves it from there once the sharer is gone.
+    let big = fetched
+        .iter()
+        .find(|c| c.name == "big.bin")
+        .context("big.bin not among the fetcher's contents")?;
+    assert_eq!(big.path.as_deref(), Some(out.join("big.bin").as_path()));
+    assert!(fetched.iter().any(|c| c.name == "tree" && c.path.is_none()));
+    let blocks = net[fetcher].data_dir.join("store/blocks");
+    let block_files: usize = std::fs::read_dir(&blocks)?
+        .map(|d| Ok(std::fs::read_dir(d?.path())?.count()))
+        .sum::<Result<usize>>()?;
+    assert!(
+        block_files < 8,
+        "{block_files} blocks stored: only the directory's should be"
+    );
+    let boot = net[fetcher].addr().to_string();
+    let second = net.spawn("second", &["--bootnode".into(), boot]).await?;
+    net[provider].kill();
+    let again = net.dir().join("again.bin");
+    let events = net[second].fetch(&big.id.to_hex(), &again).await?;
+    finished(&events)?;
+    assert_eq!(hash_file(&again)?, hash_file(&src.join("big.bin"))?);
+    println!(
+        "checked: {block_files} blocks stored for 4 fetches; big.bin was kept only at its \
+         output and served from there to another node"
+    );
     net.pass();
     Ok(())
 }

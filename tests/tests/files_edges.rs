@@ -297,7 +297,8 @@ async fn a_full_disk_gives_a_clear_error_and_a_later_resume_completes() -> Resul
     let expected = random_file(&src, 24 * 1024 * 1024, 5)?;
     let id = net[p].share(&src).await?.id.to_hex();
 
-    // The fetcher's data dir lives on a 10 MiB tmpfs.
+    // The fetcher's data dir and the output live on a 10 MiB tmpfs (a single file
+    // fetched to a path is written only there: the store links it).
     let mount = net.dir().join("small");
     std::fs::create_dir_all(&mount)?;
     sh(
@@ -315,7 +316,7 @@ async fn a_full_disk_gives_a_clear_error_and_a_later_resume_completes() -> Resul
     let f = net.add("fetcher", &["--bootnode".into(), net[p].addr().to_string()]);
     net[f].data_dir = mount.join("data");
     net[f].start().await?;
-    let out = net.dir().join("out.bin");
+    let out = mount.join("out.bin");
     let events = net[f].fetch(&id, &out).await?;
     let Some(Progress::Failed {
         error, have_chunks, ..
