@@ -1206,9 +1206,30 @@ impl Store {
                 });
             }
         }
-        if let Some(c) = inner.contents.get(&id) {
+        if let Some(c) = inner.contents.get_mut(&id) {
             let manifest = Arc::clone(&c.manifest);
-            let presence = inner.presence_of(c);
+            let mut lost = 0;
+            if let Some(l) = c.linked.as_mut().filter(|_| c.complete) {
+                // The user may have moved or deleted the file since: then fetch it
+                // again rather than claim it is here.
+                let size = manifest.total_size();
+                let whole = fs::metadata(&l.out).is_ok_and(|m| m.is_file() && m.len() == size);
+                if !whole {
+                    tracing::warn!(%id, path = %l.out.display(), "a fetched file is gone or changed; fetching it again");
+                    lost = l.bytes(&manifest);
+                    l.have.fill(false);
+                    c.complete = false;
+                }
+            }
+            if lost > 0 {
+                inner.used = inner.used.saturating_sub(lost);
+                inner.dirty = true;
+            }
+            let presence = inner
+                .contents
+                .get(&id)
+                .map(|c| inner.presence_of(c))
+                .unwrap_or_default();
             inner.touch(&id);
             return Ok(((*manifest).clone(), presence));
         }
@@ -2231,6 +2252,33 @@ mod tests {
         assert!(info.pinned && info.complete && info.path.is_none());
         fs::remove_file(&yo).unwrap();
         assert!(dst.read_chunk(y, 0).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_linked_file_deleted_by_the_user_is_fetched_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = Store::open(&tmp.path().join("src"), u64::MAX).unwrap();
+        let dst = Store::open(&tmp.path().join("dst"), u64::MAX).unwrap();
+        let data = bytes(2 * CSU, 48);
+        let out = tmp.path().join("gone.bin");
+        let id = linked_fetch(&src, &dst, tmp.path(), "g", &data, &out, |_| true);
+        dst.complete(id).unwrap();
+        fs::remove_file(&out).unwrap();
+        let mbytes = src.manifest_bytes(id).unwrap().unwrap();
+        let (_, have) = dst.begin_fetch(id, &mbytes).unwrap();
+        assert_eq!(have, vec![false, false]);
+        assert!(!dst.info(id).unwrap().complete);
+        assert_eq!(dst.used_bytes(), 0);
+        assert_eq!(
+            dst.link(id, &out, false).unwrap().unwrap(),
+            vec![false, false]
+        );
+        for i in 0..2 {
+            dst.put_chunk(id, i, &src.read_chunk(id, i).unwrap().unwrap())
+                .unwrap();
+        }
+        dst.complete(id).unwrap();
+        assert_eq!(fs::read(&out).unwrap(), data);
     }
 
     #[test]

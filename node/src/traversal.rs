@@ -55,6 +55,10 @@ pub struct HolePunchView {
     pub error: Option<String>,
     /// Milliseconds from the relayed connection to the outcome, when known.
     pub after_ms: Option<u64>,
+    /// The same in microseconds: hole punches on a LAN take a few milliseconds, which
+    /// whole milliseconds would round away.
+    #[serde(default)]
+    pub after_us: Option<u64>,
     /// Unix time of the outcome, in seconds.
     pub at: u64,
 }
@@ -417,6 +421,7 @@ impl Traversal {
             success,
             error,
             after_ms: after.map(|a| a.as_millis() as u64),
+            after_us: after.map(|a| a.as_micros() as u64),
             at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())

@@ -329,7 +329,10 @@ async fn servant_trial(dir: &Path, transport: &str, a: Nat, b: Nat) -> Result<Ou
         {
             return Ok(Outcome {
                 success: h["success"] == true,
-                ms: h["after_ms"].as_f64(),
+                ms: h["after_us"]
+                    .as_f64()
+                    .map(|us| us / 1000.0)
+                    .or_else(|| h["after_ms"].as_f64()),
                 error: h["error"].as_str().map(String::from),
             });
         }
