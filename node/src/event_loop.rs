@@ -492,6 +492,10 @@ impl EventLoop {
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 tracing::info!(%address, "external address confirmed");
             }
+            SwarmEvent::Dialing {
+                peer_id: Some(peer),
+                ..
+            } => self.traversal.on_dialing(peer),
             _ => {}
         }
     }

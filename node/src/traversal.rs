@@ -59,6 +59,11 @@ pub struct HolePunchView {
     /// whole milliseconds would round away.
     #[serde(default)]
     pub after_us: Option<u64>,
+    /// Microseconds from the relayed connection to this node's direct dial: the
+    /// DCUtR exchange over the relay; the rest, to `after_us`, is the direct
+    /// connection's own handshake.
+    #[serde(default)]
+    pub dial_after_us: Option<u64>,
     /// Unix time of the outcome, in seconds.
     pub at: u64,
 }
@@ -115,6 +120,9 @@ pub struct Traversal {
     assumed_external: HashSet<Multiaddr>,
     /// When each peer's relayed connection opened, to time the move to direct.
     relayed_since: HashMap<PeerId, Instant>,
+    /// When this node first dialed a peer it has a relayed connection to: the hole
+    /// punch's direct dial, to split its time between the relay and the handshake.
+    punch_dial: HashMap<PeerId, Instant>,
     holepunches: VecDeque<HolePunchView>,
     /// Peers holding a reservation on our relay (at most the relay's 128).
     reserved_here: HashSet<PeerId>,
@@ -150,6 +158,7 @@ impl Traversal {
             added_external: HashSet::new(),
             assumed_external: HashSet::new(),
             relayed_since: HashMap::new(),
+            punch_dial: HashMap::new(),
             holepunches: VecDeque::new(),
             reserved_here: HashSet::new(),
             circuits_here: HashMap::new(),
@@ -300,6 +309,14 @@ impl Traversal {
         if remaining == 0 {
             self.relays.disconnected(&peer);
             self.relayed_since.remove(&peer);
+            self.punch_dial.remove(&peer);
+        }
+    }
+
+    /// This node started dialing `peer`.
+    pub fn on_dialing(&mut self, peer: PeerId) {
+        if self.relayed_since.contains_key(&peer) {
+            self.punch_dial.entry(peer).or_insert_with(Instant::now);
         }
     }
 
@@ -394,7 +411,13 @@ impl Traversal {
     pub fn on_dcutr(&mut self, event: dcutr::Event) {
         let peer = event.remote_peer_id;
         self.metrics.holepunch_attempts.inc();
-        let after = self.relayed_since.get(&peer).map(|t| t.elapsed());
+        let since = self.relayed_since.get(&peer).copied();
+        let after = since.map(|t| t.elapsed());
+        let dial_after = self
+            .punch_dial
+            .remove(&peer)
+            .zip(since)
+            .map(|(dial, since)| dial.saturating_duration_since(since));
         let (success, error) = match &event.result {
             Ok(_) => (true, None),
             Err(e) => (false, Some(e.to_string())),
@@ -422,6 +445,7 @@ impl Traversal {
             error,
             after_ms: after.map(|a| a.as_millis() as u64),
             after_us: after.map(|a| a.as_micros() as u64),
+            dial_after_us: dial_after.map(|a| a.as_micros() as u64),
             at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())

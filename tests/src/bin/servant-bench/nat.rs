@@ -53,6 +53,10 @@ pub struct Cell {
     pub setup_failures: usize,
     /// Median milliseconds from relayed to direct, over successes.
     pub median_ms: Option<f64>,
+    /// Median milliseconds from relayed to the direct dial (the DCUtR exchange), over
+    /// successes where the dialer saw its dial.
+    #[serde(default)]
+    pub median_dial_ms: Option<f64>,
     /// Every trial's outcome.
     pub outcomes: Vec<Outcome>,
 }
@@ -333,6 +337,7 @@ async fn servant_trial(dir: &Path, transport: &str, a: Nat, b: Nat) -> Result<Ou
                     .as_f64()
                     .map(|us| us / 1000.0)
                     .or_else(|| h["after_ms"].as_f64()),
+                dial_ms: h["dial_after_us"].as_f64().map(|us| us / 1000.0),
                 error: h["error"].as_str().map(String::from),
             });
         }
@@ -340,6 +345,7 @@ async fn servant_trial(dir: &Path, transport: &str, a: Nat, b: Nat) -> Result<Ou
             return Ok(Outcome {
                 success: false,
                 ms: None,
+                dial_ms: None,
                 error: Some(format!("no outcome within {OUTCOME_WAIT} s")),
             });
         }
@@ -385,6 +391,7 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                         Outcome {
                             success: false,
                             ms: None,
+                            dial_ms: None,
                             error: Some(format!("setup: {e:#}")),
                         }
                     });
@@ -393,7 +400,11 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                         trial + 1,
                         params.trials,
                         if outcome.success {
-                            format!("direct after {:.0} ms", outcome.ms.unwrap_or(f64::NAN))
+                            format!(
+                                "direct after {:.2} ms (dialed after {:.2} ms)",
+                                outcome.ms.unwrap_or(f64::NAN),
+                                outcome.dial_ms.unwrap_or(f64::NAN)
+                            )
                         } else {
                             outcome.error.clone().unwrap_or_default()
                         }
@@ -416,6 +427,13 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                             .iter()
                             .filter(|o| o.success)
                             .filter_map(|o| o.ms)
+                            .collect(),
+                    ),
+                    median_dial_ms: median(
+                        outcomes
+                            .iter()
+                            .filter(|o| o.success)
+                            .filter_map(|o| o.dial_ms)
                             .collect(),
                     ),
                     outcomes,
@@ -467,6 +485,30 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                     Some(sm / bm),
                     "≤ baseline",
                     Some(pass),
+                ));
+            }
+            // Where the time goes: the DCUtR exchange over the relay, then the
+            // direct connection's handshake.
+            if let (Some(sd), Some(bd), Some(sm), Some(bm)) =
+                (s.median_dial_ms, b.median_dial_ms, s.median_ms, b.median_ms)
+            {
+                lines.push(report::cells(
+                    &format!("{pairing} {transport}: of which relayed→dial"),
+                    "ms",
+                    sd,
+                    bd,
+                    Some(sd / bd),
+                    "",
+                    None,
+                ));
+                lines.push(report::cells(
+                    &format!("{pairing} {transport}: of which dial→direct (medians' difference)"),
+                    "ms",
+                    sm - sd,
+                    bm - bd,
+                    Some((sm - sd) / (bm - bd)),
+                    "",
+                    None,
                 ));
             }
         }

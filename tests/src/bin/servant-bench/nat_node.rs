@@ -31,6 +31,10 @@ pub struct Outcome {
     pub success: bool,
     /// Milliseconds from the relayed connection to the hole punch's outcome.
     pub ms: Option<f64>,
+    /// Milliseconds from the relayed connection to the direct dial: the DCUtR
+    /// exchange over the relay; the rest of `ms` is the direct handshake.
+    #[serde(default)]
+    pub dial_ms: Option<f64>,
     /// Why it failed.
     pub error: Option<String>,
 }
@@ -146,14 +150,24 @@ pub async fn dial(
     swarm.listen_on(listen)?;
     swarm.dial(relay)?;
     wait_identify(&mut swarm).await?;
+    // The last /p2p is the target's (the first is the relay's).
+    let target_peer = target
+        .iter()
+        .filter_map(|p| match p {
+            Protocol::P2p(peer) => Some(peer),
+            _ => None,
+        })
+        .last();
     swarm.dial(target)?;
     let mut relayed_at: Option<Instant> = None;
+    let mut dial_ms: Option<f64> = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(crate::nat::OUTCOME_WAIT);
     let outcome = loop {
         let Ok(event) = tokio::time::timeout_at(deadline, swarm.select_next_some()).await else {
             break Outcome {
                 success: false,
                 ms: None,
+                dial_ms,
                 error: Some(format!("no outcome within {} s", crate::nat::OUTCOME_WAIT)),
             };
         };
@@ -164,17 +178,25 @@ pub async fn dial(
             } if address.iter().any(|p| p == Protocol::P2pCircuit) => {
                 relayed_at.get_or_insert_with(Instant::now);
             }
+            SwarmEvent::Dialing {
+                peer_id: Some(peer),
+                ..
+            } if Some(peer) == target_peer && dial_ms.is_none() => {
+                dial_ms = relayed_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+            }
             SwarmEvent::Behaviour(PeerEvent::Dcutr(e)) => {
                 let ms = relayed_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
                 break match e.result {
                     Ok(_) => Outcome {
                         success: true,
                         ms,
+                        dial_ms,
                         error: None,
                     },
                     Err(err) => Outcome {
                         success: false,
                         ms,
+                        dial_ms,
                         error: Some(err.to_string()),
                     },
                 };
