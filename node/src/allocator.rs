@@ -15,7 +15,8 @@
 /// moving files grew in 2.8 MB steps under the soak without holding more data. A
 /// fixed threshold returns large buffers to the system when they are freed, and two
 /// arenas (instead of eight per core) keep the runtime's threads from each holding
-/// a heap of their own.
+/// a heap of their own. Chunk buffers, which a transfer would otherwise map and
+/// unmap once per chunk, are recycled by [`crate::chunk_pool`] instead.
 pub fn tune() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; it is called before any thread

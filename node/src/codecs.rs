@@ -85,7 +85,7 @@ impl request_response::Codec for FileCodec {
         if len - 1 > max {
             return Err(invalid(format!("response of {len} bytes over its limit")));
         }
-        let mut data = vec![0u8; len - 1];
+        let mut data = crate::chunk_pool::take(len - 1);
         io.read_exact(&mut data).await?;
         Response::from_parts(kind[0], data).map_err(invalid)
     }
@@ -111,7 +111,11 @@ impl request_response::Codec for FileCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &[res.kind()], res.data()).await
+        let written = write_frame(io, &[res.kind()], res.data()).await;
+        if let Response::Chunk(data) = res {
+            crate::chunk_pool::give(data);
+        }
+        written
     }
 }
 

@@ -1084,6 +1084,7 @@ impl EventLoop {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        crate::chunk_pool::purge();
         if now.duration_since(self.log_report.1) >= LOG_REPORT_INTERVAL {
             self.log_report.1 = now;
             if let Some(dropped) = self.log_report.0.take() {

@@ -795,11 +795,14 @@ async fn request_chunk(
         Ok(Response::Chunk(data)) => {
             let bytes = data.len() as u64;
             let result = tokio::task::spawn_blocking(move || {
-                store.put_chunk(id, index, &data)?;
-                match output {
-                    Some((part, offset)) => part.write_at(offset, &data),
-                    None => Ok(()),
-                }
+                let written = store
+                    .put_chunk(id, index, &data)
+                    .and_then(|()| match output {
+                        Some((part, offset)) => part.write_at(offset, &data),
+                        None => Ok(()),
+                    });
+                crate::chunk_pool::give(data);
+                written
             })
             .await;
             match result {

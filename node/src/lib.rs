@@ -19,6 +19,7 @@ pub mod api;
 #[allow(missing_docs)]
 pub mod behaviour;
 pub mod broadcast;
+pub mod chunk_pool;
 pub mod cli;
 mod cli_files;
 pub mod client;

@@ -91,7 +91,7 @@ impl Linked {
 /// Reads chunk `chunk` from `file` and returns it only if it still hashes to the
 /// manifest's hash: `None` if it does not, or the file is shorter than the chunk.
 pub(crate) fn read_verified(file: &File, chunk: &ChunkRef) -> io::Result<Option<Vec<u8>>> {
-    let mut buf = vec![0u8; chunk.len as usize];
+    let mut buf = crate::chunk_pool::take(chunk.len as usize);
     match file.read_exact_at(&mut buf, chunk.offset) {
         Ok(()) => Ok((Hash::of(&buf) == chunk.hash).then_some(buf)),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
@@ -106,6 +106,7 @@ pub(crate) fn scan(part: &PartFile, manifest: &Manifest) -> io::Result<Vec<bool>
     for chunk in manifest.chunks() {
         let data = part.read_at(chunk.offset, chunk.len as usize)?;
         have.push(Hash::of(&data) == chunk.hash);
+        crate::chunk_pool::give(data);
     }
     Ok(have)
 }

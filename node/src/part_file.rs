@@ -91,7 +91,7 @@ impl PartFile {
 
     /// Reads `len` bytes at `offset`: a chunk written earlier, or zeros where none was.
     pub fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; len];
+        let mut buf = crate::chunk_pool::take(len);
         self.file.read_exact_at(&mut buf, offset)?;
         Ok(buf)
     }

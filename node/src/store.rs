@@ -451,10 +451,20 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 /// Reads a block expected to hold `len` bytes. `Ok(None)` when its size is wrong;
 /// reading at most `len + 1` bytes keeps a damaged, huge file from filling memory.
 fn read_block(path: &Path, len: u64) -> io::Result<Option<Vec<u8>>> {
-    let file = File::open(path)?;
-    let mut data = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-    file.take(len + 1).read_to_end(&mut data)?;
-    Ok((data.len() as u64 == len).then_some(data))
+    let mut file = File::open(path)?;
+    let Ok(size) = usize::try_from(len) else {
+        return Ok(None);
+    };
+    let mut data = crate::chunk_pool::take(size);
+    let got = read_full(&mut file, &mut data)?;
+    // A block longer than its recorded length is as damaged as a shorter one.
+    let mut past = [0u8; 1];
+    let longer = read_full(&mut file, &mut past)? > 0;
+    if got != size || longer {
+        crate::chunk_pool::give(data);
+        return Ok(None);
+    }
+    Ok(Some(data))
 }
 
 /// The references an import in progress holds on the blocks it wrote or reused, so
