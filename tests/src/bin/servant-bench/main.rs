@@ -267,6 +267,10 @@ fn main() -> Result<()> {
             target,
             file,
         } => stream_runtime()?.block_on(async move {
+            // The same filter variable as Servant's, so a trial's logs line up.
+            if let Ok(filter) = std::env::var("SERVANT_LOG_LEVEL") {
+                servant::logging::init(&filter, servant::config::LogFormat::Text);
+            }
             match (role.as_str(), relay, target) {
                 ("relay", _, _) => nat_node::relay(listen, &file).await,
                 ("listen", Some(relay), _) => nat_node::listen(listen, relay, &file).await,
