@@ -420,10 +420,13 @@ impl Fetch {
             let _ = self.ctx.client.unprovide(old).await;
         }
         let _ = self.ctx.client.provide(id).await;
+        // Completing renamed a linked fetch's part file onto the output, unless
+        // another fetch of the same content took it over (then: a copy, as below).
+        let kept_there =
+            linked && path.is_some() && self.ctx.store.info(id).and_then(|i| i.path) == path;
         match (part, &path) {
             (Some(part), _) => blocking(move || part.finish()).await.map(drop)?,
-            // Completing renamed the part file onto the output.
-            (None, Some(_)) if linked => {}
+            (None, Some(_)) if kept_there => {}
             (None, Some(path)) => {
                 let store = self.ctx.store.clone();
                 let (path, overwrite) = (path.clone(), self.request.overwrite);

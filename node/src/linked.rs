@@ -18,7 +18,13 @@
 //! the part file is hashed chunk by chunk ([`scan`]) when the fetch resumes, so a chunk
 //! half-written when the node was killed is simply fetched again.
 
-use std::{fs::File, io, os::unix::fs::FileExt, path::PathBuf, sync::Arc};
+use std::{
+    fs::{File, OpenOptions},
+    io,
+    os::unix::fs::{FileExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use servant_protocol::manifest::{ChunkRef, Hash, Manifest};
 
@@ -97,6 +103,22 @@ pub(crate) fn read_verified(file: &File, chunk: &ChunkRef) -> io::Result<Option<
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Opens a linked content's file for reading, only if it is a regular file: the path
+/// is the user's, and a FIFO put there would otherwise block a reader for ever.
+pub(crate) fn open_file(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "not a regular file any more",
+        ));
+    }
+    Ok(file)
 }
 
 /// Which chunks of a part file left by an interrupted fetch hold their verified

@@ -7,7 +7,8 @@
 //!
 //! Two ways use it. For a fetch the store links (see [`crate::linked`]) the part file
 //! is the only copy: the store records which chunks in it are verified, and a part
-//! file found after a restart is re-hashed chunk by chunk ([`PartFile::reopen`]). For
+//! file found after a restart is reopened ([`PartFile::reopen`]) and re-hashed chunk
+//! by chunk (`linked::scan`). For
 //! a fetch that also keeps blocks (content partly in the store already, or shared
 //! meanwhile) the store is the record of what is verified: a resumed fetch starts a
 //! new part file and copies the chunks the store holds into it.
@@ -99,11 +100,6 @@ impl PartFile {
     /// Where the file is while it fills.
     pub fn part_path(&self) -> &Path {
         &self.part
-    }
-
-    /// Where it goes when it is whole.
-    pub fn out_path(&self) -> &Path {
-        &self.out
     }
 
     /// Writes a verified chunk at its offset.

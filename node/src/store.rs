@@ -1299,10 +1299,13 @@ impl Store {
                 part.write_at(chunk.offset, data)?;
                 let mut inner = self.lock();
                 let inner = &mut *inner;
+                // Only into the file the record still names: one moved to another
+                // output meanwhile was re-hashed there, without this chunk.
                 let added = inner
                     .contents
                     .get_mut(&id)
                     .and_then(|c| c.linked.as_mut())
+                    .filter(|l| l.part.as_ref().is_some_and(|p| Arc::ptr_eq(p, &part)))
                     .is_some_and(|l| l.set(index, true));
                 if added {
                     inner.used += u64::from(chunk.len);
@@ -1336,61 +1339,58 @@ impl Store {
         overwrite: bool,
     ) -> Result<Option<Vec<bool>>, StoreError> {
         let (manifest, earlier) = {
-            let mut inner = self.lock();
+            let inner = self.lock();
             let c = inner.contents.get(&id).ok_or(StoreError::NotFound(id))?;
             if c.manifest.kind != Kind::File || c.pinned || c.complete {
                 return Ok(None);
             }
             let earlier = match &c.linked {
                 Some(l) if l.part.is_some() && l.out == out => return Ok(Some(l.have.clone())),
-                Some(l) => Some((l.out.clone(), l.part.is_some().then(|| l.have.clone()))),
+                Some(l) => Some(l.out.clone()),
                 None if inner.presence(&c.manifest).contains(&true) => return Ok(None),
                 None => None,
             };
-            let manifest = Arc::clone(&c.manifest);
-            if let Some(c) = inner.contents.get_mut(&id) {
-                // Closed before any move, so no write lands in a handle of a file
-                // that is being renamed away.
-                if let Some(l) = c.linked.as_mut() {
-                    l.part = None;
-                }
-            }
-            (manifest, earlier)
+            (Arc::clone(&c.manifest), earlier)
         };
         let size = manifest.total_size();
-        let (part, have) = match earlier {
-            None => (
-                PartFile::create(out, size, overwrite)?,
-                vec![false; manifest.chunk_count()],
-            ),
-            Some((old_out, have)) => {
-                if old_out != out {
-                    let from = with_suffix(&old_out, PART_SUFFIX);
-                    let to = with_suffix(out, PART_SUFFIX);
-                    if fs::symlink_metadata(&from).is_ok() {
-                        if let Ok(meta) = fs::symlink_metadata(out) {
-                            if meta.is_dir() || !overwrite {
-                                return Err(StoreError::AlreadyExists(out.to_path_buf()));
-                            }
-                        }
-                        if let Err(e) = fs::rename(&from, &to) {
-                            // Another filesystem, say: the verified chunks are
-                            // fetched again rather than copied.
-                            tracing::warn!(from = %from.display(), to = %to.display(), error = %e,
-                                "could not move the partial output; starting it again");
-                            let _ = remove_any(&from);
+        let part_path = with_suffix(out, PART_SUFFIX);
+        if let Some(old_out) = &earlier {
+            if old_out != out {
+                // A file handle still open on the old part (a fetch under way) keeps
+                // writing into the moved file: a rename keeps the inode.
+                let from = with_suffix(old_out, PART_SUFFIX);
+                if fs::symlink_metadata(&from).is_ok() {
+                    if let Ok(meta) = fs::symlink_metadata(out) {
+                        if meta.is_dir() || !overwrite {
+                            return Err(StoreError::AlreadyExists(out.to_path_buf()));
                         }
                     }
+                    if let Err(e) = fs::rename(&from, &part_path) {
+                        // Another filesystem, say: the verified chunks are fetched
+                        // again rather than copied.
+                        tracing::warn!(from = %from.display(), to = %part_path.display(), error = %e,
+                            "could not move the partial output; starting it again");
+                        let _ = remove_any(&from);
+                    }
                 }
-                let part = PartFile::reopen(out, size, overwrite)?;
-                let have = match have {
-                    Some(have) => have,
-                    None => crate::linked::scan(&part, &manifest).map_err(|e| {
-                        io_err(format!("reading {}", part.part_path().display()), e)
-                    })?,
-                };
-                (part, have)
+            } else if fs::symlink_metadata(&part_path).is_err() && self.adopt_output(id, out)? {
+                // Killed between renaming the finished file into place and recording
+                // it: the output is whole, and now known again.
+                return Ok(Some(vec![true; manifest.chunk_count()]));
             }
+        }
+        // Only bytes read back and hashed count as verified: whatever an earlier
+        // record said, the file now at the part path is the truth.
+        let existed = fs::symlink_metadata(&part_path).is_ok_and(|m| m.is_file());
+        let part = match earlier {
+            Some(_) => PartFile::reopen(out, size, overwrite)?,
+            None => PartFile::create(out, size, overwrite)?,
+        };
+        let have = if existed {
+            crate::linked::scan(&part, &manifest)
+                .map_err(|e| io_err(format!("reading {}", part.part_path().display()), e))?
+        } else {
+            vec![false; manifest.chunk_count()]
         };
         let mut guard = self.lock();
         let inner = &mut *guard;
@@ -1419,10 +1419,58 @@ impl Store {
         }
         inner.dirty = true;
         drop(guard);
-        self.persist_logged();
+        // Not just logged: a restart that does not know of the link would take the
+        // part file for a stale one and start it again, losing its verified chunks.
+        self.persist()?;
         let verified = have.iter().filter(|h| **h).count();
         tracing::info!(%id, out = %out.display(), verified, "fetching into the output file only");
         Ok(Some(have))
+    }
+
+    /// A linked content whose part file is gone but whose output holds every chunk
+    /// (verified by reading it back) is recorded complete. Returns whether it was.
+    fn adopt_output(&self, id: ContentId, out: &Path) -> Result<bool, StoreError> {
+        let Some(manifest) = self
+            .lock()
+            .contents
+            .get(&id)
+            .map(|c| Arc::clone(&c.manifest))
+        else {
+            return Ok(false);
+        };
+        if !fs::metadata(out).is_ok_and(|m| m.is_file() && m.len() == manifest.total_size()) {
+            return Ok(false);
+        }
+        let file = match crate::linked::open_file(out) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err(format!("opening {}", out.display()), e)),
+        };
+        for chunk in manifest.chunks() {
+            match crate::linked::read_verified(&file, &chunk) {
+                Ok(Some(data)) => crate::chunk_pool::give(data),
+                Ok(None) => return Ok(false),
+                Err(e) => return Err(io_err(format!("reading {}", out.display()), e)),
+            }
+        }
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let Some(c) = inner.contents.get_mut(&id) else {
+            return Ok(false);
+        };
+        let Some(l) = c.linked.as_mut().filter(|l| l.out == out) else {
+            return Ok(false);
+        };
+        let before = l.bytes(&manifest);
+        l.have.fill(true);
+        l.part = None;
+        c.complete = true;
+        inner.used = inner.used.saturating_sub(before) + manifest.total_size();
+        inner.dirty = true;
+        drop(guard);
+        self.persist_logged();
+        tracing::info!(%id, out = %out.display(), "found a fetched file whole at its output");
+        Ok(true)
     }
 
     /// Marks a fetched content complete once every chunk is stored
@@ -1444,11 +1492,28 @@ impl Store {
                     total: c.manifest.chunk_count() as u64,
                 });
             }
-            c.linked.as_ref().and_then(|l| l.part.clone())
+            match &c.linked {
+                Some(l) if l.part.is_none() && !c.complete => {
+                    // Another fetch of the same content moved its file elsewhere.
+                    return Err(StoreError::Io {
+                        context: format!("completing {id}"),
+                        source: io::Error::other(
+                            "its partial output was taken over by another fetch of the same content",
+                        ),
+                    });
+                }
+                Some(l) => l.part.clone(),
+                None => None,
+            }
         };
         // Outside the lock: syncing a large file can take a while on a real disk.
         if let Some(part) = &part {
-            part.finish()?;
+            if let Err(e) = part.finish() {
+                // Two fetches of one content finishing at once: the other renamed it.
+                if !self.lock().contents.get(&id).is_some_and(|c| c.complete) {
+                    return Err(e);
+                }
+            }
         }
         let mut inner = self.lock();
         if let Some(c) = inner.contents.get_mut(&id) {
@@ -1597,7 +1662,8 @@ impl Store {
                 (read, part.part_path().to_path_buf())
             }
             Err(out) => {
-                let read = File::open(&out).and_then(|f| crate::linked::read_verified(&f, &chunk));
+                let read = crate::linked::open_file(&out)
+                    .and_then(|f| crate::linked::read_verified(&f, &chunk));
                 (read, out)
             }
         };
@@ -1610,7 +1676,7 @@ impl Store {
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 tracing::warn!(path = %path.display(), %id, "a fetched file is gone; not serving it");
-                self.lose_linked_chunk(id, index);
+                self.lose_linked_file(id);
                 Ok(None)
             }
             Err(e) => Err(io_err(
@@ -1618,6 +1684,22 @@ impl Store {
                 e,
             )),
         })
+    }
+
+    /// A linked content's file is gone: every chunk is missing now.
+    fn lose_linked_file(&self, id: ContentId) {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let Some(c) = inner.contents.get_mut(&id) else {
+            return;
+        };
+        if let Some(l) = c.linked.as_mut() {
+            let lost = l.bytes(&c.manifest);
+            l.have.fill(false);
+            inner.used = inner.used.saturating_sub(lost);
+            c.complete = false;
+            inner.dirty = true;
+        }
     }
 
     /// A linked chunk no longer matches (the user changed or removed the file): it
@@ -1655,9 +1737,11 @@ impl Store {
                 });
             }
             if c.linked.as_ref().is_some_and(|l| l.out == out) {
-                // Already there: the fetch that linked it wrote it to this path.
+                // Already there (the fetch that linked it wrote it to this path), if
+                // the user has not changed it since: read it back.
                 inner.touch(&id);
-                return Ok(());
+                drop(inner);
+                return self.verify_linked(id, &manifest, out);
             }
             // Most recently used now, so a concurrent eviction picks anything else.
             inner.touch(&id);
@@ -1799,6 +1883,53 @@ impl Store {
             .map_err(|err| io_err(format!("writing {}", dest.display()), err))
     }
 
+    /// Reads a linked content's whole file back and checks every chunk; chunks that
+    /// no longer match are marked missing and the first is reported.
+    fn verify_linked(
+        &self,
+        id: ContentId,
+        manifest: &Manifest,
+        path: &Path,
+    ) -> Result<(), StoreError> {
+        let file = match crate::linked::open_file(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.lose_linked_file(id);
+                return Err(StoreError::MissingBlock {
+                    id,
+                    index: 0,
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(io_err(format!("opening {}", path.display()), e)),
+        };
+        let mut first_bad = None;
+        for (index, chunk) in manifest.chunks().enumerate() {
+            let index = index as u64;
+            match crate::linked::read_verified(&file, &chunk) {
+                Ok(Some(data)) => crate::chunk_pool::give(data),
+                Ok(None) => {
+                    self.lose_linked_chunk(id, index);
+                    first_bad.get_or_insert(index);
+                }
+                Err(e) => {
+                    return Err(io_err(
+                        format!("reading chunk {index} from {}", path.display()),
+                        e,
+                    ))
+                }
+            }
+        }
+        match first_bad {
+            Some(index) => Err(StoreError::Corrupt {
+                id,
+                index,
+                path: path.to_path_buf(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Copies a linked content from its file `src` into `file` (created at `dest`),
     /// verifying each chunk as export does for blocks.
     fn export_linked(
@@ -1809,7 +1940,18 @@ impl Store {
         mut file: File,
         dest: &Path,
     ) -> Result<(), StoreError> {
-        let input = File::open(src).map_err(|e| io_err(format!("opening {}", src.display()), e))?;
+        let input = match crate::linked::open_file(src) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.lose_linked_file(id);
+                return Err(StoreError::MissingBlock {
+                    id,
+                    index: 0,
+                    path: src.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(io_err(format!("opening {}", src.display()), e)),
+        };
         for (index, chunk) in manifest.chunks().enumerate() {
             let index = index as u64;
             let data = match crate::linked::read_verified(&input, &chunk) {
@@ -2289,6 +2431,63 @@ mod tests {
         }
         dst.complete(id).unwrap();
         assert_eq!(fs::read(&out).unwrap(), data);
+    }
+
+    #[test]
+    fn a_moved_part_file_is_re_hashed_and_a_lost_one_restarts_from_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = Store::open(&tmp.path().join("src"), u64::MAX).unwrap();
+        let dst = Store::open(&tmp.path().join("dst"), u64::MAX).unwrap();
+        let data = bytes(3 * CSU, 49);
+        let first = tmp.path().join("first.bin");
+        let id = linked_fetch(&src, &dst, tmp.path(), "l", &data, &first, |i| i < 2);
+        // The part file vanishes (another disk, a user's cleanup): nothing it held
+        // may count as verified at the new output.
+        fs::remove_file(with_suffix(&first, PART_SUFFIX)).unwrap();
+        let second = tmp.path().join("second.bin");
+        assert_eq!(
+            dst.link(id, &second, false).unwrap().unwrap(),
+            vec![false; 3]
+        );
+        assert_eq!(dst.info(id).unwrap().have_chunks, 0);
+        assert_eq!(dst.used_bytes(), 0);
+        assert!(matches!(
+            dst.complete(id),
+            Err(StoreError::Incomplete { .. })
+        ));
+    }
+
+    #[test]
+    fn a_kill_between_the_rename_and_the_index_finds_the_output_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = Store::open(&tmp.path().join("src"), u64::MAX).unwrap();
+        let dst_dir = tmp.path().join("dst");
+        let dst = Store::open(&dst_dir, u64::MAX).unwrap();
+        let data = bytes(2 * CSU + 3, 50);
+        let out = tmp.path().join("whole.bin");
+        let id = linked_fetch(&src, &dst, tmp.path(), "w", &data, &out, |_| true);
+        // What complete() does first, then the kill before the index says so.
+        fs::rename(with_suffix(&out, PART_SUFFIX), &out).unwrap();
+        std::mem::forget(dst);
+        let dst = Store::open(&dst_dir, u64::MAX).unwrap();
+        assert!(!dst.info(id).unwrap().complete);
+        let mbytes = src.manifest_bytes(id).unwrap().unwrap();
+        dst.begin_fetch(id, &mbytes).unwrap();
+        assert_eq!(dst.link(id, &out, false).unwrap().unwrap(), vec![true; 3]);
+        assert!(dst.complete(id).unwrap().is_empty());
+        assert!(dst.info(id).unwrap().complete);
+        assert_eq!(fs::read(&out).unwrap(), data);
+
+        // Fetching it again to the same path reads it back: an edit that kept the
+        // size is caught, not reported as done.
+        let mut edited = data.clone();
+        edited[7] ^= 0xff;
+        fs::write(&out, &edited).unwrap();
+        assert!(matches!(
+            dst.export(id, &out, true),
+            Err(StoreError::Corrupt { index: 0, .. })
+        ));
+        assert_eq!(dst.info(id).unwrap().have_chunks, 2);
     }
 
     #[test]
