@@ -2255,30 +2255,30 @@ mod tests {
         data: &[u8],
         out: &Path,
         put_chunks: impl Fn(u64) -> bool,
-    ) -> ContentId {
+    ) -> Result<ContentId, Box<dyn std::error::Error>> {
         let path = dir.join(name);
         put(&path, data);
-        let (id, _) = src.import(&path, CS).unwrap();
-        let mbytes = src.manifest_bytes(id).unwrap().unwrap();
-        let (m, _) = dst.begin_fetch(id, &mbytes).unwrap();
-        let have = dst.link(id, out, false).unwrap().expect("linkable");
+        let (id, _) = src.import(&path, CS)?;
+        let mbytes = src.manifest_bytes(id)?.ok_or("missing")?;
+        let (m, _) = dst.begin_fetch(id, &mbytes)?;
+        let have = dst.link(id, out, false)?.ok_or("not linkable")?;
         assert!(!have.contains(&true));
         for i in (0..m.chunk_count() as u64).filter(|i| put_chunks(*i)) {
-            dst.put_chunk(id, i, &src.read_chunk(id, i).unwrap().unwrap())
-                .unwrap();
+            dst.put_chunk(id, i, &src.read_chunk(id, i)?.ok_or("missing")?)?;
         }
-        id
+        Ok(id)
     }
 
     #[test]
-    fn a_linked_fetch_writes_each_chunk_once_and_serves_from_the_output() {
-        let tmp = tempfile::tempdir().unwrap();
-        let src = Store::open(&tmp.path().join("src"), u64::MAX).unwrap();
+    fn a_linked_fetch_writes_each_chunk_once_and_serves_from_the_output(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let tmp = tempfile::tempdir()?;
+        let src = Store::open(&tmp.path().join("src"), u64::MAX)?;
         let dst_dir = tmp.path().join("dst");
-        let dst = Store::open(&dst_dir, u64::MAX).unwrap();
+        let dst = Store::open(&dst_dir, u64::MAX)?;
         let data = bytes(3 * CSU + 17, 40);
         let out = tmp.path().join("out.bin");
-        let id = linked_fetch(&src, &dst, tmp.path(), "a", &data, &out, |_| true);
+        let id = linked_fetch(&src, &dst, tmp.path(), "a", &data, &out, |_| true)?;
         assert_eq!(
             block_files(&dst_dir),
             0,
@@ -2286,31 +2286,34 @@ mod tests {
         );
         assert!(!out.exists(), "the output appears only when whole");
         // Chunks already verified are served from the part file during the fetch.
-        assert_eq!(dst.read_chunk(id, 1).unwrap().unwrap(), &data[CSU..2 * CSU]);
-        assert!(dst.complete(id).unwrap().is_empty());
-        assert_eq!(fs::read(&out).unwrap(), data);
+        assert_eq!(
+            dst.read_chunk(id, 1)?.ok_or("missing")?,
+            &data[CSU..2 * CSU]
+        );
+        assert!(dst.complete(id)?.is_empty());
+        assert_eq!(fs::read(&out)?, data);
         assert!(!with_suffix(&out, PART_SUFFIX).exists());
-        let info = dst.info(id).unwrap();
+        let info = dst.info(id).ok_or("unknown content")?;
         assert!(info.complete && !info.pinned);
         assert_eq!((info.have_chunks, info.path.as_deref()), (4, Some(&*out)));
         assert_eq!(dst.used_bytes(), data.len() as u64);
-        assert_eq!(dst.read_chunk(id, 3).unwrap().unwrap(), &data[3 * CSU..]);
+        assert_eq!(dst.read_chunk(id, 3)?.ok_or("missing")?, &data[3 * CSU..]);
         // Exporting to the path it is kept at is nothing to do; elsewhere, a copy.
-        dst.export(id, &out, false).unwrap();
+        dst.export(id, &out, false)?;
         let copy = tmp.path().join("copy.bin");
-        dst.export(id, &copy, false).unwrap();
-        assert_eq!(fs::read(&copy).unwrap(), data);
+        dst.export(id, &copy, false)?;
+        assert_eq!(fs::read(&copy)?, data);
 
         // The link survives a restart; the user's edit is caught at the next read.
         drop(dst);
-        let dst = Store::open(&dst_dir, u64::MAX).unwrap();
-        assert!(dst.info(id).unwrap().complete);
+        let dst = Store::open(&dst_dir, u64::MAX)?;
+        assert!(dst.info(id).ok_or("unknown content")?.complete);
         let mut edited = data.clone();
         edited[CSU + 5] ^= 1;
-        fs::write(&out, &edited).unwrap();
-        assert!(dst.read_chunk(id, 0).unwrap().is_some());
-        assert!(dst.read_chunk(id, 1).unwrap().is_none());
-        let info = dst.info(id).unwrap();
+        fs::write(&out, &edited)?;
+        assert!(dst.read_chunk(id, 0)?.is_some());
+        assert!(dst.read_chunk(id, 1)?.is_none());
+        let info = dst.info(id).ok_or("unknown content")?;
         assert!(!info.complete);
         assert_eq!(info.have_chunks, 3);
         assert!(matches!(
@@ -2318,73 +2321,75 @@ mod tests {
             Err(StoreError::Incomplete { .. })
         ));
         // Unsharing forgets it; the user's file stays.
-        assert!(dst.remove(id).unwrap());
-        assert_eq!(fs::read(&out).unwrap(), edited);
+        assert!(dst.remove(id)?);
+        assert_eq!(fs::read(&out)?, edited);
         assert_eq!(dst.used_bytes(), 0);
+        Ok(())
     }
 
     #[test]
-    fn a_linked_fetch_resumes_from_its_part_file_after_a_restart() {
-        let tmp = tempfile::tempdir().unwrap();
-        let src = Store::open(&tmp.path().join("src"), u64::MAX).unwrap();
+    fn a_linked_fetch_resumes_from_its_part_file_after_a_restart(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let tmp = tempfile::tempdir()?;
+        let src = Store::open(&tmp.path().join("src"), u64::MAX)?;
         let dst_dir = tmp.path().join("dst");
-        let dst = Store::open(&dst_dir, u64::MAX).unwrap();
+        let dst = Store::open(&dst_dir, u64::MAX)?;
         let data = bytes(5 * CSU, 41);
         let out = tmp.path().join("out.bin");
-        let id = linked_fetch(&src, &dst, tmp.path(), "r", &data, &out, |i| i % 2 == 0);
+        let id = linked_fetch(&src, &dst, tmp.path(), "r", &data, &out, |i| i % 2 == 0)?;
         // A killed node: nothing but what is on disk survives.
         std::mem::forget(dst);
         let part = with_suffix(&out, PART_SUFFIX);
         // A chunk half-written at the kill is not taken for verified.
-        let file = OpenOptions::new().write(true).open(&part).unwrap();
-        file.write_all_at(b"garbage", 2 * CS as u64).unwrap();
+        let file = OpenOptions::new().write(true).open(&part)?;
+        file.write_all_at(b"garbage", 2 * CS as u64)?;
         drop(file);
-        let dst = Store::open(&dst_dir, u64::MAX).unwrap();
-        let mbytes = src.manifest_bytes(id).unwrap().unwrap();
-        let (_, have) = dst.begin_fetch(id, &mbytes).unwrap();
+        let dst = Store::open(&dst_dir, u64::MAX)?;
+        let mbytes = src.manifest_bytes(id)?.ok_or("missing")?;
+        let (_, have) = dst.begin_fetch(id, &mbytes)?;
         assert!(
             !have.contains(&true),
             "verified chunks are known only after a re-hash"
         );
-        let have = dst.link(id, &out, false).unwrap().unwrap();
+        let have = dst.link(id, &out, false)?.ok_or("missing")?;
         assert_eq!(have, vec![true, false, false, false, true]);
         for i in [1, 2, 3] {
-            dst.put_chunk(id, i, &src.read_chunk(id, i).unwrap().unwrap())
-                .unwrap();
+            dst.put_chunk(id, i, &src.read_chunk(id, i)?.ok_or("missing")?)?;
         }
-        dst.complete(id).unwrap();
-        assert_eq!(fs::read(&out).unwrap(), data);
+        dst.complete(id)?;
+        assert_eq!(fs::read(&out)?, data);
 
         // An interrupted linked fetch moved to another output keeps its chunks.
         let other = bytes(2 * CSU, 42);
         let first = tmp.path().join("first.bin");
-        let id2 = linked_fetch(&src, &dst, tmp.path(), "m", &other, &first, |i| i == 0);
+        let id2 = linked_fetch(&src, &dst, tmp.path(), "m", &other, &first, |i| i == 0)?;
         let second = tmp.path().join("second.bin");
-        let have = dst.link(id2, &second, false).unwrap().unwrap();
+        let have = dst.link(id2, &second, false)?.ok_or("missing")?;
         assert_eq!(have, vec![true, false]);
         assert!(!with_suffix(&first, PART_SUFFIX).exists());
-        dst.put_chunk(id2, 1, &src.read_chunk(id2, 1).unwrap().unwrap())
-            .unwrap();
-        dst.complete(id2).unwrap();
-        assert_eq!(fs::read(&second).unwrap(), other);
+        dst.put_chunk(id2, 1, &src.read_chunk(id2, 1)?.ok_or("missing")?)?;
+        dst.complete(id2)?;
+        assert_eq!(fs::read(&second)?, other);
+        Ok(())
     }
 
     #[test]
-    fn linked_content_is_evicted_without_deleting_the_file_and_sharing_converts_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let src = Store::open(&tmp.path().join("src"), u64::MAX).unwrap();
+    fn linked_content_is_evicted_without_deleting_the_file_and_sharing_converts_it(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let tmp = tempfile::tempdir()?;
+        let src = Store::open(&tmp.path().join("src"), u64::MAX)?;
         let dst_dir = tmp.path().join("dst");
-        let dst = Store::open(&dst_dir, 2 * CS as u64).unwrap();
+        let dst = Store::open(&dst_dir, 2 * CS as u64)?;
         // Outputs under the sources' names, so sharing one gives the same id.
         let outs = tmp.path().join("outs");
-        fs::create_dir(&outs).unwrap();
+        fs::create_dir(&outs)?;
         let (xo, yo) = (outs.join("x"), outs.join("y"));
-        let x = linked_fetch(&src, &dst, tmp.path(), "x", &bytes(CSU, 43), &xo, |_| true);
-        dst.complete(x).unwrap();
-        let y = linked_fetch(&src, &dst, tmp.path(), "y", &bytes(CSU, 44), &yo, |_| true);
-        dst.complete(y).unwrap();
+        let x = linked_fetch(&src, &dst, tmp.path(), "x", &bytes(CSU, 43), &xo, |_| true)?;
+        dst.complete(x)?;
+        let y = linked_fetch(&src, &dst, tmp.path(), "y", &bytes(CSU, 44), &yo, |_| true)?;
+        dst.complete(y)?;
         let z = fetch_into(&src, &dst, tmp.path(), "z", &bytes(CSU, 45));
-        assert_eq!(dst.complete(z).unwrap(), vec![x]);
+        assert_eq!(dst.complete(z)?, vec![x]);
         assert!(xo.exists(), "eviction never deletes the user's file");
         assert_eq!(dst.used_bytes(), 2 * CS as u64);
 
@@ -2392,134 +2397,136 @@ mod tests {
         let wo = tmp.path().join("w.out");
         let w = linked_fetch(&src, &dst, tmp.path(), "w", &bytes(2 * CSU, 46), &wo, |i| {
             i == 0
-        });
+        })?;
         assert!(with_suffix(&wo, PART_SUFFIX).exists());
-        assert!(dst.remove(w).unwrap());
+        assert!(dst.remove(w)?);
         assert!(!with_suffix(&wo, PART_SUFFIX).exists());
 
         // Sharing the same file turns the linked content into pinned blocks.
-        let (again, _) = dst.import(&yo, CS).unwrap();
+        let (again, _) = dst.import(&yo, CS)?;
         assert_eq!(again, y);
-        let info = dst.info(y).unwrap();
+        let info = dst.info(y).ok_or("unknown content")?;
         assert!(info.pinned && info.complete && info.path.is_none());
-        fs::remove_file(&yo).unwrap();
-        assert!(dst.read_chunk(y, 0).unwrap().is_some());
+        fs::remove_file(&yo)?;
+        assert!(dst.read_chunk(y, 0)?.is_some());
+        Ok(())
     }
 
     #[test]
-    fn a_linked_file_deleted_by_the_user_is_fetched_again() {
-        let tmp = tempfile::tempdir().unwrap();
-        let src = Store::open(&tmp.path().join("src"), u64::MAX).unwrap();
-        let dst = Store::open(&tmp.path().join("dst"), u64::MAX).unwrap();
+    fn a_linked_file_deleted_by_the_user_is_fetched_again() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let tmp = tempfile::tempdir()?;
+        let src = Store::open(&tmp.path().join("src"), u64::MAX)?;
+        let dst = Store::open(&tmp.path().join("dst"), u64::MAX)?;
         let data = bytes(2 * CSU, 48);
         let out = tmp.path().join("gone.bin");
-        let id = linked_fetch(&src, &dst, tmp.path(), "g", &data, &out, |_| true);
-        dst.complete(id).unwrap();
-        fs::remove_file(&out).unwrap();
-        let mbytes = src.manifest_bytes(id).unwrap().unwrap();
-        let (_, have) = dst.begin_fetch(id, &mbytes).unwrap();
+        let id = linked_fetch(&src, &dst, tmp.path(), "g", &data, &out, |_| true)?;
+        dst.complete(id)?;
+        fs::remove_file(&out)?;
+        let mbytes = src.manifest_bytes(id)?.ok_or("missing")?;
+        let (_, have) = dst.begin_fetch(id, &mbytes)?;
         assert_eq!(have, vec![false, false]);
-        assert!(!dst.info(id).unwrap().complete);
+        assert!(!dst.info(id).ok_or("unknown content")?.complete);
         assert_eq!(dst.used_bytes(), 0);
         assert_eq!(
-            dst.link(id, &out, false).unwrap().unwrap(),
+            dst.link(id, &out, false)?.ok_or("missing")?,
             vec![false, false]
         );
         for i in 0..2 {
-            dst.put_chunk(id, i, &src.read_chunk(id, i).unwrap().unwrap())
-                .unwrap();
+            dst.put_chunk(id, i, &src.read_chunk(id, i)?.ok_or("missing")?)?;
         }
-        dst.complete(id).unwrap();
-        assert_eq!(fs::read(&out).unwrap(), data);
+        dst.complete(id)?;
+        assert_eq!(fs::read(&out)?, data);
+        Ok(())
     }
 
     #[test]
-    fn a_moved_part_file_is_re_hashed_and_a_lost_one_restarts_from_nothing() {
-        let tmp = tempfile::tempdir().unwrap();
-        let src = Store::open(&tmp.path().join("src"), u64::MAX).unwrap();
-        let dst = Store::open(&tmp.path().join("dst"), u64::MAX).unwrap();
+    fn a_moved_part_file_is_re_hashed_and_a_lost_one_restarts_from_nothing(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let tmp = tempfile::tempdir()?;
+        let src = Store::open(&tmp.path().join("src"), u64::MAX)?;
+        let dst = Store::open(&tmp.path().join("dst"), u64::MAX)?;
         let data = bytes(3 * CSU, 49);
         let first = tmp.path().join("first.bin");
-        let id = linked_fetch(&src, &dst, tmp.path(), "l", &data, &first, |i| i < 2);
+        let id = linked_fetch(&src, &dst, tmp.path(), "l", &data, &first, |i| i < 2)?;
         // The part file vanishes (another disk, a user's cleanup): nothing it held
         // may count as verified at the new output.
-        fs::remove_file(with_suffix(&first, PART_SUFFIX)).unwrap();
+        fs::remove_file(with_suffix(&first, PART_SUFFIX))?;
         let second = tmp.path().join("second.bin");
         assert_eq!(
-            dst.link(id, &second, false).unwrap().unwrap(),
+            dst.link(id, &second, false)?.ok_or("missing")?,
             vec![false; 3]
         );
-        assert_eq!(dst.info(id).unwrap().have_chunks, 0);
+        assert_eq!(dst.info(id).ok_or("unknown content")?.have_chunks, 0);
         assert_eq!(dst.used_bytes(), 0);
         assert!(matches!(
             dst.complete(id),
             Err(StoreError::Incomplete { .. })
         ));
+        Ok(())
     }
 
     #[test]
-    fn a_kill_between_the_rename_and_the_index_finds_the_output_whole() {
-        let tmp = tempfile::tempdir().unwrap();
-        let src = Store::open(&tmp.path().join("src"), u64::MAX).unwrap();
+    fn a_kill_between_the_rename_and_the_index_finds_the_output_whole(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let tmp = tempfile::tempdir()?;
+        let src = Store::open(&tmp.path().join("src"), u64::MAX)?;
         let dst_dir = tmp.path().join("dst");
-        let dst = Store::open(&dst_dir, u64::MAX).unwrap();
+        let dst = Store::open(&dst_dir, u64::MAX)?;
         let data = bytes(2 * CSU + 3, 50);
         let out = tmp.path().join("whole.bin");
-        let id = linked_fetch(&src, &dst, tmp.path(), "w", &data, &out, |_| true);
+        let id = linked_fetch(&src, &dst, tmp.path(), "w", &data, &out, |_| true)?;
         // What complete() does first, then the kill before the index says so.
-        fs::rename(with_suffix(&out, PART_SUFFIX), &out).unwrap();
+        fs::rename(with_suffix(&out, PART_SUFFIX), &out)?;
         std::mem::forget(dst);
-        let dst = Store::open(&dst_dir, u64::MAX).unwrap();
-        assert!(!dst.info(id).unwrap().complete);
-        let mbytes = src.manifest_bytes(id).unwrap().unwrap();
-        dst.begin_fetch(id, &mbytes).unwrap();
-        assert_eq!(dst.link(id, &out, false).unwrap().unwrap(), vec![true; 3]);
-        assert!(dst.complete(id).unwrap().is_empty());
-        assert!(dst.info(id).unwrap().complete);
-        assert_eq!(fs::read(&out).unwrap(), data);
+        let dst = Store::open(&dst_dir, u64::MAX)?;
+        assert!(!dst.info(id).ok_or("unknown content")?.complete);
+        let mbytes = src.manifest_bytes(id)?.ok_or("missing")?;
+        dst.begin_fetch(id, &mbytes)?;
+        assert_eq!(dst.link(id, &out, false)?.ok_or("missing")?, vec![true; 3]);
+        assert!(dst.complete(id)?.is_empty());
+        assert!(dst.info(id).ok_or("unknown content")?.complete);
+        assert_eq!(fs::read(&out)?, data);
 
         // Fetching it again to the same path reads it back: an edit that kept the
         // size is caught, not reported as done.
         let mut edited = data.clone();
         edited[7] ^= 0xff;
-        fs::write(&out, &edited).unwrap();
+        fs::write(&out, &edited)?;
         assert!(matches!(
             dst.export(id, &out, true),
             Err(StoreError::Corrupt { index: 0, .. })
         ));
-        assert_eq!(dst.info(id).unwrap().have_chunks, 2);
+        assert_eq!(dst.info(id).ok_or("unknown content")?.have_chunks, 2);
+        Ok(())
     }
 
     #[test]
-    fn content_partly_held_as_blocks_or_a_directory_is_not_linked() {
-        let tmp = tempfile::tempdir().unwrap();
-        let src = Store::open(&tmp.path().join("src"), u64::MAX).unwrap();
-        let dst = Store::open(&tmp.path().join("dst"), u64::MAX).unwrap();
+    fn content_partly_held_as_blocks_or_a_directory_is_not_linked(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let tmp = tempfile::tempdir()?;
+        let src = Store::open(&tmp.path().join("src"), u64::MAX)?;
+        let dst = Store::open(&tmp.path().join("dst"), u64::MAX)?;
         let id = fetch_into(&src, &dst, tmp.path(), "b", &bytes(2 * CSU, 47));
-        assert!(dst
-            .link(id, &tmp.path().join("b.out"), false)
-            .unwrap()
-            .is_none());
+        assert!(dst.link(id, &tmp.path().join("b.out"), false)?.is_none());
         let dir = tmp.path().join("tree");
         put(&dir.join("a"), b"one");
         put(&dir.join("sub/b"), b"two");
-        let (d, _) = src.import(&dir, CS).unwrap();
-        let mbytes = src.manifest_bytes(d).unwrap().unwrap();
-        dst.begin_fetch(d, &mbytes).unwrap();
-        assert!(dst
-            .link(d, &tmp.path().join("d.out"), false)
-            .unwrap()
-            .is_none());
+        let (d, _) = src.import(&dir, CS)?;
+        let mbytes = src.manifest_bytes(d)?.ok_or("missing")?;
+        dst.begin_fetch(d, &mbytes)?;
+        assert!(dst.link(d, &tmp.path().join("d.out"), false)?.is_none());
         let taken = tmp.path().join("taken");
         put(&taken, b"keep");
-        let e = src.import(&tmp.path().join("tree/a"), CS).unwrap().0;
-        let ebytes = src.manifest_bytes(e).unwrap().unwrap();
-        dst.begin_fetch(e, &ebytes).unwrap();
+        let e = src.import(&tmp.path().join("tree/a"), CS)?.0;
+        let ebytes = src.manifest_bytes(e)?.ok_or("missing")?;
+        dst.begin_fetch(e, &ebytes)?;
         assert!(matches!(
             dst.link(e, &taken, false),
             Err(StoreError::AlreadyExists(_))
         ));
-        assert_eq!(fs::read(&taken).unwrap(), b"keep");
+        assert_eq!(fs::read(&taken)?, b"keep");
+        Ok(())
     }
 
     #[test]
