@@ -22,6 +22,19 @@ use std::{
 
 use crate::store::{io_err, remove_any, sync_dir, with_suffix, StoreError, PART_SUFFIX};
 
+/// Refuses an existing `out` unless `overwrite`, and a directory at `out` always (a
+/// file cannot replace it with a rename).
+pub fn check_output(out: &Path, overwrite: bool) -> Result<(), StoreError> {
+    match std::fs::symlink_metadata(out) {
+        Ok(meta) if meta.is_dir() || !overwrite => {
+            Err(StoreError::AlreadyExists(out.to_path_buf()))
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(format!("checking output {}", out.display()), e)),
+    }
+}
+
 /// An output file being filled chunk by chunk.
 #[derive(Debug)]
 pub struct PartFile {
@@ -35,31 +48,10 @@ impl PartFile {
     /// unless `overwrite`, before any byte is fetched, and refuses to replace a
     /// directory with a file.
     pub fn create(out: &Path, size: u64, overwrite: bool) -> Result<Self, StoreError> {
-        match std::fs::symlink_metadata(out) {
-            Ok(meta) if meta.is_dir() => {
-                return Err(StoreError::AlreadyExists(out.to_path_buf()));
-            }
-            Ok(_) if !overwrite => return Err(StoreError::AlreadyExists(out.to_path_buf())),
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(format!("checking output {}", out.display()), e)),
-        }
+        check_output(out, overwrite)?;
         let part = with_suffix(out, PART_SUFFIX);
         remove_any(&part).map_err(|e| io_err(format!("removing stale {}", part.display()), e))?;
-        // Readable too: a linked fetch serves the chunks it has from here.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&part)
-            .map_err(|e| io_err(format!("creating {}", part.display()), e))?;
-        file.set_len(size)
-            .map_err(|e| io_err(format!("sizing {}", part.display()), e))?;
-        Ok(PartFile {
-            file,
-            part,
-            out: out.to_path_buf(),
-        })
+        Self::open(out, part, size, true)
     }
 
     /// Opens the `<out>.servant-part` an interrupted fetch left, keeping its bytes
@@ -71,16 +63,22 @@ impl PartFile {
             Ok(meta) if meta.is_file() => {}
             _ => return Self::create(out, size, overwrite),
         }
-        if let Ok(meta) = std::fs::symlink_metadata(out) {
-            if meta.is_dir() || !overwrite {
-                return Err(StoreError::AlreadyExists(out.to_path_buf()));
-            }
-        }
+        check_output(out, overwrite)?;
+        Self::open(out, part, size, false)
+    }
+
+    /// Opens `part` (creating it, or an existing one) read-write, sized to `size`.
+    /// Readable too: a linked fetch serves the chunks it has from here.
+    fn open(out: &Path, part: PathBuf, size: u64, create: bool) -> Result<Self, StoreError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .create_new(create)
             .open(&part)
-            .map_err(|e| io_err(format!("opening {}", part.display()), e))?;
+            .map_err(|e| {
+                let what = if create { "creating" } else { "opening" };
+                io_err(format!("{what} {}", part.display()), e)
+            })?;
         file.set_len(size)
             .map_err(|e| io_err(format!("sizing {}", part.display()), e))?;
         Ok(PartFile {
