@@ -30,7 +30,7 @@ use servant_protocol::manifest::{ChunkRef, Hash, Manifest};
 
 use crate::{
     part_file::PartFile,
-    store::{with_suffix, PART_SUFFIX},
+    store::{io_err, with_suffix, StoreError, PART_SUFFIX},
 };
 
 /// The store's record of one linked content.
@@ -119,6 +119,35 @@ pub(crate) fn open_file(path: &Path) -> io::Result<File> {
         ));
     }
     Ok(file)
+}
+
+/// Reads every chunk of `manifest` back from `file` (at `path`, for errors) and
+/// hashes it, handing each verified chunk to `sink` in order. Stops at the first
+/// chunk that does not match and returns its index; `None` when all do.
+pub(crate) fn read_back(
+    file: &File,
+    path: &Path,
+    manifest: &Manifest,
+    mut sink: impl FnMut(&[u8]) -> Result<(), StoreError>,
+) -> Result<Option<u64>, StoreError> {
+    for (index, chunk) in manifest.chunks().enumerate() {
+        let index = index as u64;
+        match read_verified(file, &chunk) {
+            Ok(Some(data)) => {
+                let sunk = sink(&data);
+                crate::chunk_pool::give(data);
+                sunk?;
+            }
+            Ok(None) => return Ok(Some(index)),
+            Err(e) => {
+                return Err(io_err(
+                    format!("reading chunk {index} from {}", path.display()),
+                    e,
+                ))
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Which chunks of a part file left by an interrupted fetch hold their verified

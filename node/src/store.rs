@@ -1360,11 +1360,7 @@ impl Store {
                 // writing into the moved file: a rename keeps the inode.
                 let from = with_suffix(old_out, PART_SUFFIX);
                 if fs::symlink_metadata(&from).is_ok() {
-                    if let Ok(meta) = fs::symlink_metadata(out) {
-                        if meta.is_dir() || !overwrite {
-                            return Err(StoreError::AlreadyExists(out.to_path_buf()));
-                        }
-                    }
+                    crate::part_file::check_output(out, overwrite)?;
                     if let Err(e) = fs::rename(&from, &part_path) {
                         // Another filesystem, say: the verified chunks are fetched
                         // again rather than copied.
@@ -1446,12 +1442,8 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(io_err(format!("opening {}", out.display()), e)),
         };
-        for chunk in manifest.chunks() {
-            match crate::linked::read_verified(&file, &chunk) {
-                Ok(Some(data)) => crate::chunk_pool::give(data),
-                Ok(None) => return Ok(false),
-                Err(e) => return Err(io_err(format!("reading {}", out.display()), e)),
-            }
+        if crate::linked::read_back(&file, out, &manifest, |_| Ok(()))?.is_some() {
+            return Ok(false);
         }
         let mut guard = self.lock();
         let inner = &mut *guard;
@@ -1741,7 +1733,7 @@ impl Store {
                 // the user has not changed it since: read it back.
                 inner.touch(&id);
                 drop(inner);
-                return self.verify_linked(id, &manifest, out);
+                return self.read_back_linked(id, &manifest, out, None);
             }
             // Most recently used now, so a concurrent eviction picks anything else.
             inner.touch(&id);
@@ -1847,7 +1839,7 @@ impl Store {
             .and_then(|c| c.linked.as_ref())
             .map(|l| l.out.clone());
         if let Some(src) = linked {
-            return self.export_linked(id, manifest, &src, file, dest);
+            return self.read_back_linked(id, manifest, &src, Some((file, dest)));
         }
         for (i, hash) in e.chunks.iter().enumerate() {
             let index = first + i as u64;
@@ -1883,62 +1875,15 @@ impl Store {
             .map_err(|err| io_err(format!("writing {}", dest.display()), err))
     }
 
-    /// Reads a linked content's whole file back and checks every chunk; chunks that
-    /// no longer match are marked missing and the first is reported.
-    fn verify_linked(
-        &self,
-        id: ContentId,
-        manifest: &Manifest,
-        path: &Path,
-    ) -> Result<(), StoreError> {
-        let file = match crate::linked::open_file(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.lose_linked_file(id);
-                return Err(StoreError::MissingBlock {
-                    id,
-                    index: 0,
-                    path: path.to_path_buf(),
-                });
-            }
-            Err(e) => return Err(io_err(format!("opening {}", path.display()), e)),
-        };
-        let mut first_bad = None;
-        for (index, chunk) in manifest.chunks().enumerate() {
-            let index = index as u64;
-            match crate::linked::read_verified(&file, &chunk) {
-                Ok(Some(data)) => crate::chunk_pool::give(data),
-                Ok(None) => {
-                    self.lose_linked_chunk(id, index);
-                    first_bad.get_or_insert(index);
-                }
-                Err(e) => {
-                    return Err(io_err(
-                        format!("reading chunk {index} from {}", path.display()),
-                        e,
-                    ))
-                }
-            }
-        }
-        match first_bad {
-            Some(index) => Err(StoreError::Corrupt {
-                id,
-                index,
-                path: path.to_path_buf(),
-            }),
-            None => Ok(()),
-        }
-    }
-
-    /// Copies a linked content from its file `src` into `file` (created at `dest`),
-    /// verifying each chunk as export does for blocks.
-    fn export_linked(
+    /// Reads a linked content's file `src` back, checking every chunk, and copies it
+    /// into `dest` (a created file and its path) when given. A chunk that no longer
+    /// matches is marked missing and reported; a file that is gone loses them all.
+    fn read_back_linked(
         &self,
         id: ContentId,
         manifest: &Manifest,
         src: &Path,
-        mut file: File,
-        dest: &Path,
+        mut dest: Option<(File, &Path)>,
     ) -> Result<(), StoreError> {
         let input = match crate::linked::open_file(src) {
             Ok(f) => f,
@@ -1952,30 +1897,26 @@ impl Store {
             }
             Err(e) => return Err(io_err(format!("opening {}", src.display()), e)),
         };
-        for (index, chunk) in manifest.chunks().enumerate() {
-            let index = index as u64;
-            let data = match crate::linked::read_verified(&input, &chunk) {
-                Ok(Some(data)) => data,
-                Ok(None) => {
-                    self.lose_linked_chunk(id, index);
-                    return Err(StoreError::Corrupt {
-                        id,
-                        index,
-                        path: src.to_path_buf(),
-                    });
-                }
-                Err(e) => {
-                    return Err(io_err(
-                        format!("reading chunk {index} from {}", src.display()),
-                        e,
-                    ))
-                }
-            };
-            file.write_all(&data)
-                .map_err(|err| io_err(format!("writing {}", dest.display()), err))?;
+        let bad = crate::linked::read_back(&input, src, manifest, |data| match &mut dest {
+            Some((file, path)) => file
+                .write_all(data)
+                .map_err(|err| io_err(format!("writing {}", path.display()), err)),
+            None => Ok(()),
+        })?;
+        if let Some(index) = bad {
+            self.lose_linked_chunk(id, index);
+            return Err(StoreError::Corrupt {
+                id,
+                index,
+                path: src.to_path_buf(),
+            });
         }
-        file.sync_all()
-            .map_err(|err| io_err(format!("writing {}", dest.display()), err))
+        match dest {
+            Some((file, path)) => file
+                .sync_all()
+                .map_err(|err| io_err(format!("writing {}", path.display()), err)),
+            None => Ok(()),
+        }
     }
 
     /// Unshares content: unpins and removes it with every block no other content

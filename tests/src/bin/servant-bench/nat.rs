@@ -353,6 +353,17 @@ async fn servant_trial(dir: &Path, transport: &str, a: Nat, b: Nat) -> Result<Ou
     }
 }
 
+/// The median of `value` over the successful trials that have it.
+fn success_median(outcomes: &[Outcome], value: impl Fn(&Outcome) -> Option<f64>) -> Option<f64> {
+    median(
+        outcomes
+            .iter()
+            .filter(|o| o.success)
+            .filter_map(value)
+            .collect(),
+    )
+}
+
 fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -422,20 +433,8 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                     trials: params.trials,
                     successes,
                     setup_failures,
-                    median_ms: median(
-                        outcomes
-                            .iter()
-                            .filter(|o| o.success)
-                            .filter_map(|o| o.ms)
-                            .collect(),
-                    ),
-                    median_dial_ms: median(
-                        outcomes
-                            .iter()
-                            .filter(|o| o.success)
-                            .filter_map(|o| o.dial_ms)
-                            .collect(),
-                    ),
+                    median_ms: success_median(&outcomes, |o| o.ms),
+                    median_dial_ms: success_median(&outcomes, |o| o.dial_ms),
                     outcomes,
                 });
             }
