@@ -1973,6 +1973,14 @@ impl Store {
         inner.contents.get(&id).map(|c| inner.info(id, c))
     }
 
+    /// How many chunks a content has, if the store knows it: cheap, for every request.
+    pub fn chunk_count(&self, id: ContentId) -> Option<u64> {
+        self.lock()
+            .contents
+            .get(&id)
+            .map(|c| c.manifest.chunk_count() as u64)
+    }
+
     /// Content this node shares, to announce as provider at start.
     pub fn pinned(&self) -> Vec<ContentId> {
         self.ids_where(|c| c.pinned)
