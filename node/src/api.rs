@@ -550,10 +550,20 @@ async fn fetch(State(state): State<AppState>, Json(req): Json<FetchRequest>) -> 
             return error_response(StatusCode::BAD_REQUEST, "output paths must be absolute");
         }
     }
-    let (tx, rx) = tokio::sync::mpsc::channel::<Progress>(64);
     let ctx = state.files.fetch.clone();
+    let Some(claim) = ctx.running.claim(req.id) else {
+        return error_response(
+            StatusCode::CONFLICT,
+            &format!(
+                "{} is already being fetched by this node; wait for that fetch to end \
+                 (a fetch to another path then copies it locally)",
+                req.id
+            ),
+        );
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Progress>(64);
     tokio::spawn(async move {
-        let last = match fetch::run(ctx.clone(), req.clone(), tx.clone()).await {
+        let last = match fetch::run(ctx.clone(), req.clone(), tx.clone(), claim).await {
             Ok(done) => done,
             Err(e) => {
                 let info = ctx.store.info(req.id);

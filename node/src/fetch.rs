@@ -193,6 +193,38 @@ pub struct FetchContext {
     pub metrics: FileMetrics,
     /// Most requests in flight per provider.
     pub window: u32,
+    /// The contents being fetched right now.
+    pub running: Running,
+}
+
+/// The contents this node is fetching. One fetch per content at a time: two would
+/// ask providers for the same chunks twice and race to finish the same store entry.
+#[derive(Debug, Clone, Default)]
+pub struct Running(Arc<std::sync::Mutex<HashSet<ContentId>>>);
+
+impl Running {
+    /// Claims `id` for one fetch; `None` while another fetch of it runs.
+    pub fn claim(&self, id: ContentId) -> Option<RunningClaim> {
+        let mut running = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        running.insert(id).then(|| RunningClaim {
+            running: self.clone(),
+            id,
+        })
+    }
+}
+
+/// A fetch's hold on its content; dropping it (the fetch ended, however) frees it.
+#[derive(Debug)]
+pub struct RunningClaim {
+    running: Running,
+    id: ContentId,
+}
+
+impl Drop for RunningClaim {
+    fn drop(&mut self) {
+        let mut running = self.running.0.lock().unwrap_or_else(|e| e.into_inner());
+        running.remove(&self.id);
+    }
 }
 
 struct ProviderState {
@@ -265,11 +297,13 @@ impl Drop for ActiveGuard {
 }
 
 /// Runs a fetch to its end, reporting progress on `progress`. Stops early if the
-/// receiver of `progress` goes away.
+/// receiver of `progress` goes away. `_claim` (from [`Running::claim`]) is held until
+/// the fetch ends.
 pub async fn run(
     ctx: FetchContext,
     request: FetchRequest,
     progress: mpsc::Sender<Progress>,
+    _claim: RunningClaim,
 ) -> Result<Progress, FetchError> {
     let _active = ActiveGuard::new(&ctx.metrics);
     let result = Fetch::new(ctx.clone(), request, progress.clone())
@@ -838,4 +872,28 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| FetchError::Cancelled(e.to_string()))?
         .map_err(FetchError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use servant_protocol::manifest::Hash;
+
+    #[test]
+    fn one_claim_per_content_until_it_is_dropped() {
+        let running = Running::default();
+        let (a, b) = (Hash::of(b"a"), Hash::of(b"b"));
+        let claim = running.claim(a);
+        assert!(claim.is_some());
+        assert!(
+            running.claim(a).is_none(),
+            "a second claim of a running fetch"
+        );
+        assert!(running.claim(b).is_some(), "another content is independent");
+        drop(claim);
+        assert!(
+            running.claim(a).is_some(),
+            "free again once the fetch ended"
+        );
+    }
 }

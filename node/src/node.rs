@@ -140,6 +140,7 @@ impl Node {
                 store: store.clone(),
                 metrics: files_metrics,
                 window: config.fetch_window_per_provider,
+                running: Default::default(),
             },
             store,
             chunk_size: config.chunk_size.get() as u32,

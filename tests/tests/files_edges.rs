@@ -522,3 +522,79 @@ async fn a_fetch_whose_provider_died_gives_up_without_a_dial_storm() -> Result<(
     net.pass();
     Ok(())
 }
+
+/// One fetch per content at a time: a second fetch of the same ID while the first runs
+/// is refused with a clear error (the API's 409, the CLI's message and exit status) and
+/// disturbs nothing; once the first has finished, a fetch to another path succeeds and
+/// is byte-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_fetch_of_the_same_content_is_refused_while_the_first_runs() -> Result<()> {
+    let mut net = Net::new();
+    // Throttled, so the first fetch is still running when the second is asked for.
+    let p = net
+        .spawn("provider", &["--serve-rate-per-peer".into(), "4MiB".into()])
+        .await?;
+    let f = net
+        .spawn("fetcher", &["--bootnode".into(), net[p].addr().to_string()])
+        .await?;
+    let src = net.dir().join("twice.bin");
+    random_file(&src, 16 * 1024 * 1024, 34)?;
+    let id = net[p].share(&src).await?.id.to_hex();
+    let first_out = net.dir().join("first.bin");
+    let second_out = net.dir().join("second.bin");
+    let mut first = net[f].fetch_stream(&id, &first_out).await?;
+    // Wait until the first fetch has moved bytes, then ask again.
+    loop {
+        match first.recv().await {
+            Some(Progress::Progress { done_bytes, .. }) if done_bytes > 0 => break,
+            Some(Progress::Finished { .. }) => bail!("the first fetch ended too soon"),
+            Some(Progress::Failed { error, .. }) => bail!("the first fetch failed: {error}"),
+            Some(_) => {}
+            None => bail!("the first fetch's stream ended"),
+        }
+    }
+    let refused = reqwest::Client::new()
+        .post(format!("{}/v1/fetch", net[f].api_url()))
+        .json(&serde_json::json!({ "id": id, "out": second_out }))
+        .send()
+        .await?;
+    let status = refused.status();
+    let body = refused.text().await?;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("already being fetched"), "{body}");
+    let api = net[f].api_url().replace("http://", "");
+    let second = second_out.to_str().context("path")?;
+    let cli = run_cli(&["fetch", &id, "-o", second, "--api", &api], &[]);
+    let stderr = String::from_utf8_lossy(&cli.stderr);
+    assert_eq!(
+        cli.status.code(),
+        Some(1),
+        "the CLI's second fetch: {stderr}"
+    );
+    assert!(stderr.contains("already being fetched"), "{stderr}");
+    assert!(!second_out.exists(), "a refused fetch wrote its output");
+    println!(
+        "checked: a second fetch of a running one is refused: {}",
+        stderr.trim()
+    );
+    // The first fetch is undisturbed.
+    let mut last = None;
+    while let Some(event) = first.recv().await {
+        last = Some(event);
+    }
+    assert!(
+        matches!(last, Some(Progress::Finished { .. })),
+        "the first fetch did not finish: {last:?}"
+    );
+    assert_eq!(hash_file(&first_out)?, hash_file(&src)?);
+    // Then the same content to another path: from the fetcher's own store.
+    let events = net[f].fetch(&id, &second_out).await?;
+    assert!(
+        matches!(events.last(), Some(Progress::Finished { .. })),
+        "{events:?}"
+    );
+    assert_eq!(hash_file(&second_out)?, hash_file(&src)?);
+    println!("checked: after the first fetch finished, a fetch to another path succeeded");
+    net.pass();
+    Ok(())
+}
