@@ -34,6 +34,11 @@ pub struct NatParams {
     #[arg(long, value_delimiter = ',')]
     #[serde(default)]
     pub pairings: Vec<String>,
+    /// Also run Servant's peers over a bare relay and bare peers over Servant's relay,
+    /// to tell whether a gap lies at the relay or at the peers.
+    #[arg(long)]
+    #[serde(default)]
+    pub mixed: bool,
 }
 
 /// One cell: a pairing, a transport, an implementation.
@@ -43,7 +48,8 @@ pub struct Cell {
     pub pairing: String,
     /// `tcp` or `quic`.
     pub transport: String,
-    /// `servant` or `baseline`.
+    /// `servant`, `baseline`, or (with `--mixed`) `servant peers, bare relay` and
+    /// `bare peers, servant relay`.
     pub implementation: String,
     /// Trials run.
     pub trials: usize,
@@ -148,33 +154,163 @@ fn build_lab(dir: &Path, a: Nat, b: Nat) -> Result<(Lab, String, String, String)
     Ok((lab, relay, pa, pb))
 }
 
-async fn baseline_trial(dir: &Path, transport: &str, a: Nat, b: Nat) -> Result<Outcome> {
+/// Who runs a trial's relay, and who its two peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mix {
+    servant_relay: bool,
+    servant_peers: bool,
+}
+
+impl Mix {
+    /// The implementations the bench compares, and (with `--mixed`) the two halves of
+    /// each combined with the other's, which say whether a gap lies at the relay or at
+    /// the peers.
+    const ALL: [(&'static str, Mix); 4] = [
+        (
+            "servant",
+            Mix {
+                servant_relay: true,
+                servant_peers: true,
+            },
+        ),
+        (
+            "baseline",
+            Mix {
+                servant_relay: false,
+                servant_peers: false,
+            },
+        ),
+        (
+            "servant peers, bare relay",
+            Mix {
+                servant_relay: false,
+                servant_peers: true,
+            },
+        ),
+        (
+            "bare peers, servant relay",
+            Mix {
+                servant_relay: true,
+                servant_peers: false,
+            },
+        ),
+    ];
+}
+
+/// Starts the relay on `relay` and returns its full address (with `/p2p`).
+async fn start_relay(
+    lab: &mut Lab,
+    dir: &Path,
+    relay: &str,
+    transport: &str,
+    servant: bool,
+) -> Result<String> {
+    if !servant {
+        let id_file = dir.join("relay.id");
+        let _ = std::fs::remove_file(&id_file);
+        lab.spawn(
+            relay,
+            "relay",
+            &std::env::current_exe()?,
+            &[
+                "nat-node".into(),
+                "relay".into(),
+                "--listen".into(),
+                listen(transport).replace("0.0.0.0", "198.18.0.10"),
+                "--file".into(),
+                id_file.display().to_string(),
+            ],
+        )?;
+        let relay_id = read_when_ready(&id_file, Duration::from_secs(10)).await?;
+        return Ok(format!("{}/p2p/{relay_id}", relay_addr(transport)));
+    }
+    let bin = servant_bin()?;
+    let key = dir.join("relay.key");
+    let _ = std::fs::remove_file(&key);
+    let generated = std::process::Command::new(&bin)
+        .args(["key", "generate", "--out"])
+        .arg(&key)
+        .output()?;
+    let relay_id = String::from_utf8(generated.stdout)?.trim().to_string();
+    lab.spawn(
+        relay,
+        "relay",
+        &bin,
+        &servant_args(
+            dir,
+            "relay",
+            transport,
+            &[
+                "--role",
+                "super",
+                "--identity-file",
+                &key.display().to_string(),
+                "--announce",
+                &relay_addr(transport),
+            ],
+        ),
+    )?;
+    // A bare peer dials its relay once: the relay must be listening first (its API
+    // answers once the node runs).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while servant_json(lab, relay, &["status", "--json"]).is_err() {
+        if Instant::now() >= deadline {
+            bail!("the relay did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(format!("{}/p2p/{relay_id}", relay_addr(transport)))
+}
+
+/// `servant run` for the node `name` of a trial.
+fn servant_args(dir: &Path, name: &str, transport: &str, extra: &[&str]) -> Vec<String> {
+    let _ = std::fs::remove_dir_all(dir.join(name));
+    let mut v: Vec<String> = [
+        "run",
+        // The lab's routers run no UPnP; a search would only add noise.
+        "--no-upnp",
+        "--data-dir",
+        &dir.join(name).display().to_string(),
+        "--listen",
+        &listen(transport),
+        "--api",
+        "127.0.0.1:5100",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// One trial of `mix` on a fresh lab.
+async fn trial(dir: &Path, transport: &str, a: Nat, b: Nat, mix: Mix) -> Result<Outcome> {
     let (mut lab, relay, pa, pb) = build_lab(dir, a, b)?;
+    let relay_full = start_relay(&mut lab, dir, &relay, transport, mix.servant_relay).await?;
+    if mix.servant_peers {
+        servant_peers(&mut lab, dir, transport, &pa, &pb, &relay_full).await
+    } else {
+        bare_peers(&mut lab, dir, transport, &pa, &pb, &relay_full).await
+    }
+}
+
+async fn bare_peers(
+    lab: &mut Lab,
+    dir: &Path,
+    transport: &str,
+    pa: &str,
+    pb: &str,
+    relay_full: &str,
+) -> Result<Outcome> {
     let me = std::env::current_exe()?;
-    let id_file = dir.join("relay.id");
     let addr_file = dir.join("pb.addr");
     let out = dir.join("outcome.json");
-    for f in [&id_file, &addr_file, &out] {
+    for f in [&addr_file, &out] {
         let _ = std::fs::remove_file(f);
     }
     let s = |p: &Path| p.display().to_string();
     lab.spawn(
-        &relay,
-        "relay",
-        &me,
-        &[
-            "nat-node".into(),
-            "relay".into(),
-            "--listen".into(),
-            listen(transport).replace("0.0.0.0", "198.18.0.10"),
-            "--file".into(),
-            s(&id_file),
-        ],
-    )?;
-    let relay_id = read_when_ready(&id_file, Duration::from_secs(10)).await?;
-    let relay_full = format!("{}/p2p/{relay_id}", relay_addr(transport));
-    lab.spawn(
-        &pb,
+        pb,
         "pb",
         &me,
         &[
@@ -183,14 +319,14 @@ async fn baseline_trial(dir: &Path, transport: &str, a: Nat, b: Nat) -> Result<O
             "--listen".into(),
             listen(transport),
             "--relay".into(),
-            relay_full.clone(),
+            relay_full.into(),
             "--file".into(),
             s(&addr_file),
         ],
     )?;
     let target = read_when_ready(&addr_file, Duration::from_secs(15)).await?;
     lab.spawn(
-        &pa,
+        pa,
         "pa",
         &me,
         &[
@@ -199,7 +335,7 @@ async fn baseline_trial(dir: &Path, transport: &str, a: Nat, b: Nat) -> Result<O
             "--listen".into(),
             listen(transport),
             "--relay".into(),
-            relay_full,
+            relay_full.into(),
             "--target".into(),
             target,
             "--file".into(),
@@ -227,77 +363,29 @@ fn servant_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
-async fn servant_trial(dir: &Path, transport: &str, a: Nat, b: Nat) -> Result<Outcome> {
-    let (mut lab, relay, pa, pb) = build_lab(dir, a, b)?;
+async fn servant_peers(
+    lab: &mut Lab,
+    dir: &Path,
+    transport: &str,
+    pa: &str,
+    pb: &str,
+    boot: &str,
+) -> Result<Outcome> {
     let bin = servant_bin()?;
-    let key = dir.join("relay.key");
-    let _ = std::fs::remove_file(&key);
-    let generated = std::process::Command::new(&bin)
-        .args(["key", "generate", "--out"])
-        .arg(&key)
-        .output()?;
-    let relay_id = String::from_utf8(generated.stdout)?.trim().to_string();
-    let l = listen(transport);
-    let node = |name: &str, extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "run",
-            // The lab's routers run no UPnP; a search would only add noise.
-            "--no-upnp",
-            "--data-dir",
-            &dir.join(name).display().to_string(),
-            "--listen",
-            &l,
-            "--api",
-            "127.0.0.1:5100",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
+    let peer = |name: &str| {
+        servant_args(
+            dir,
+            name,
+            transport,
+            &["--role", "peer", "--bootnode", boot, "--conn-low", "1"],
+        )
     };
-    for name in ["relay", "pa", "pb"] {
-        let _ = std::fs::remove_dir_all(dir.join(name));
-    }
-    lab.spawn(
-        &relay,
-        "relay",
-        &bin,
-        &node(
-            "relay",
-            &[
-                "--role",
-                "super",
-                "--identity-file",
-                &key.display().to_string(),
-                "--announce",
-                &relay_addr(transport),
-            ],
-        ),
-    )?;
-    let boot = format!("{}/p2p/{relay_id}", relay_addr(transport));
-    lab.spawn(
-        &pb,
-        "pb",
-        &bin,
-        &node(
-            "pb",
-            &["--role", "peer", "--bootnode", &boot, "--conn-low", "1"],
-        ),
-    )?;
-    lab.spawn(
-        &pa,
-        "pa",
-        &bin,
-        &node(
-            "pa",
-            &["--role", "peer", "--bootnode", &boot, "--conn-low", "1"],
-        ),
-    )?;
+    lab.spawn(pb, "pb", &bin, &peer("pb"))?;
+    lab.spawn(pa, "pa", &bin, &peer("pa"))?;
     // pb's circuit address, once its reservation is accepted.
     let deadline = Instant::now() + Duration::from_secs(20);
     let target = loop {
-        if let Ok(view) = servant_json(&lab, &pb, &["doctor", "--json"]) {
+        if let Ok(view) = servant_json(lab, pb, &["doctor", "--json"]) {
             let addr = view["reservations"]
                 .as_array()
                 .into_iter()
@@ -317,13 +405,13 @@ async fn servant_trial(dir: &Path, transport: &str, a: Nat, b: Nat) -> Result<Ou
     };
     // pa must know its observed address (identify with the relay) before dialing.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    servant_json(&lab, &pa, &["connect", &target, "--json"])?;
+    servant_json(lab, pa, &["connect", &target, "--json"])?;
     // DCUtR reports on whichever side's dial decided it: both are asked.
     let deadline = Instant::now() + Duration::from_secs(OUTCOME_WAIT);
     loop {
         let mut punches = Vec::new();
-        for ns in [&pa, &pb] {
-            let view = servant_json(&lab, ns, &["doctor", "--json"])?;
+        for ns in [pa, pb] {
+            let view = servant_json(lab, ns, &["doctor", "--json"])?;
             punches.extend(view["holepunches"].as_array().cloned().unwrap_or_default());
         }
         if let Some(h) = punches
@@ -384,19 +472,19 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
     for (pairing, a, b, _) in selected(params) {
         let (pairing, a, b) = (*pairing, *a, *b);
         for transport in &params.transports {
-            for implementation in ["servant", "baseline"] {
+            let mixes = if params.mixed { 4 } else { 2 };
+            for (implementation, mix) in &Mix::ALL[..mixes] {
+                let (implementation, mix) = (*implementation, *mix);
                 let mut outcomes = Vec::new();
                 let mut setup_failures = 0;
-                for trial in 0..params.trials {
+                for n in 0..params.trials {
                     let dir = work.path().join(format!(
-                        "{}-{transport}-{implementation}-{trial}",
-                        pairing.replace('/', "-")
+                        "{}-{transport}-{}-{n}",
+                        pairing.replace('/', "-"),
+                        implementation.replace([' ', ','], "")
                     ));
                     std::fs::create_dir_all(&dir)?;
-                    let outcome = match implementation {
-                        "servant" => servant_trial(&dir, transport, a, b).await,
-                        _ => baseline_trial(&dir, transport, a, b).await,
-                    };
+                    let outcome = trial(&dir, transport, a, b, mix).await;
                     let outcome = outcome.unwrap_or_else(|e| {
                         setup_failures += 1;
                         Outcome {
@@ -408,7 +496,7 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                     });
                     eprintln!(
                         "[nat] {pairing} {transport} {implementation} {}/{}: {}",
-                        trial + 1,
+                        n + 1,
                         params.trials,
                         if outcome.success {
                             format!(
@@ -517,6 +605,31 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
         params.trials
     );
     report::write_table(&mut table, &lines);
+    if params.mixed {
+        // Every cell on its own, the mixed ones included.
+        let mut rows = vec![[
+            "pairing",
+            "transport",
+            "relay / peers",
+            "direct",
+            "median ms",
+            "of which relayed→dial",
+        ]
+        .map(String::from)];
+        let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
+        for c in &cells {
+            rows.push([
+                c.pairing.clone(),
+                c.transport.clone(),
+                c.implementation.clone(),
+                format!("{}/{}", c.successes, c.trials),
+                ms(c.median_ms),
+                ms(c.median_dial_ms),
+            ]);
+        }
+        table.push('\n');
+        report::write_table(&mut table, &rows);
+    }
     table.push_str(if all_met {
         "\nALL TARGETS MET\n"
     } else {
