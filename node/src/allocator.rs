@@ -15,7 +15,7 @@
 /// frames, hundreds of them in flight. Each time the frames of a burst were freed the
 /// heap was trimmed, and the next burst faulted the same pages in again, zeroed. Two
 /// `servant` processes moving 2 GiB took 200,000 (provider) and 310,000 (fetcher)
-/// page faults with the default and about 10,000 each with 2 MiB, and 19-25% less
+/// page faults with the default and about 10,000 each with 2 MiB, and 21-22% less
 /// CPU (`perf stat` over the same `servant-bench files` run); 512 KiB still left the
 /// fetcher at 200,000. Idle, a node keeps at most this much per arena.
 #[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]

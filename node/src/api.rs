@@ -544,6 +544,7 @@ async fn unshare(State(state): State<AppState>, Json(req): Json<IdRequest>) -> R
 
 /// Runs a fetch and streams its progress as JSON lines; the last line is `finished`
 /// or `failed`. Closing the connection cancels the fetch (its verified chunks stay).
+/// A fetch of content this node is fetching already is refused (409).
 async fn fetch(State(state): State<AppState>, Json(req): Json<FetchRequest>) -> Response {
     for path in req.out.iter().chain(req.dir.iter()) {
         if !path.is_absolute() {
@@ -555,8 +556,8 @@ async fn fetch(State(state): State<AppState>, Json(req): Json<FetchRequest>) -> 
         return error_response(
             StatusCode::CONFLICT,
             &format!(
-                "{} is already being fetched by this node; wait for that fetch to end \
-                 (a fetch to another path then copies it locally)",
+                "{} is already being fetched by this node; fetch it again once that \
+                 fetch has ended",
                 req.id
             ),
         );

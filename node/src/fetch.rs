@@ -296,6 +296,11 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// The error of a fetch whose caller went away.
+fn gone() -> FetchError {
+    FetchError::Cancelled("the caller went away".into())
+}
+
 /// Runs a fetch to its end, reporting progress on `progress`. Stops early if the
 /// receiver of `progress` goes away. `_claim` (from [`Running::claim`]) is held until
 /// the fetch ends.
@@ -349,10 +354,21 @@ impl Fetch {
     }
 
     async fn report(&self, event: Progress) -> Result<(), FetchError> {
-        self.progress
-            .send(event)
-            .await
-            .map_err(|_| FetchError::Cancelled("the caller went away".into()))
+        self.progress.send(event).await.map_err(|_| gone())
+    }
+
+    /// Runs `work` unless the caller goes away first. A fetch with nothing to report
+    /// (looking for providers, or waiting for them) would otherwise notice a closed
+    /// client only at its next progress event, up to the stall timeout later, and
+    /// hold its content's claim ([`Running`]) until then.
+    async fn unless_gone<T>(
+        progress: &mpsc::Sender<Progress>,
+        work: impl std::future::Future<Output = Result<T, FetchError>>,
+    ) -> Result<T, FetchError> {
+        tokio::select! {
+            done = work => done,
+            _ = progress.closed() => Err(gone()),
+        }
     }
 
     async fn run(mut self) -> Result<Progress, FetchError> {
@@ -454,8 +470,9 @@ impl Fetch {
             let _ = self.ctx.client.unprovide(old).await;
         }
         let _ = self.ctx.client.provide(id).await;
-        // Completing renamed a linked fetch's part file onto the output, unless
-        // another fetch of the same content took it over (then: a copy, as below).
+        // Completing renamed a linked fetch's part file onto the output, unless an
+        // earlier fetch of the same content to another path left the link there
+        // (then: a copy, as below).
         let kept_there =
             linked && path.is_some() && self.ctx.store.info(id).and_then(|i| i.path) == path;
         match (part, &path) {
@@ -497,14 +514,19 @@ impl Fetch {
     async fn find_manifest(&mut self) -> Result<Vec<u8>, FetchError> {
         let deadline = Instant::now() + STALL_TIMEOUT;
         loop {
-            let found = self.discover().await?;
+            let progress = self.progress.clone();
+            let found = Self::unless_gone(&progress, self.discover()).await?;
             if let Some(bytes) = found {
                 return Ok(bytes);
             }
             if Instant::now() >= deadline {
                 return Err(FetchError::NoProviders(self.request.id));
             }
-            tokio::time::sleep(REDISCOVER_PAUSE).await;
+            Self::unless_gone(&progress, async {
+                tokio::time::sleep(REDISCOVER_PAUSE).await;
+                Ok(())
+            })
+            .await?;
         }
     }
 
@@ -646,13 +668,22 @@ impl Fetch {
                     .filter(|p| !p.dropped)
                     .filter_map(|p| p.retry_after)
                     .min();
+                let progress = self.progress.clone();
                 if let Some(until) = waiting {
-                    tokio::time::sleep_until(until.into()).await;
+                    Self::unless_gone(&progress, async {
+                        tokio::time::sleep_until(until.into()).await;
+                        Ok(())
+                    })
+                    .await?;
                     continue;
                 }
-                tokio::time::sleep(REDISCOVER_PAUSE).await;
+                Self::unless_gone(&progress, async {
+                    tokio::time::sleep(REDISCOVER_PAUSE).await;
+                    Ok(())
+                })
+                .await?;
                 // New providers answer with the manifest; it is already known.
-                let _ = self.discover().await?;
+                let _ = Self::unless_gone(&progress, self.discover()).await?;
                 continue;
             }
             tokio::select! {

@@ -1486,7 +1486,8 @@ impl Store {
             }
             match &c.linked {
                 Some(l) if l.part.is_none() && !c.complete => {
-                    // Another fetch of the same content moved its file elsewhere.
+                    // Another fetch of the same content moved its file elsewhere (the
+                    // API runs one at a time; the store still refuses a race).
                     return Err(StoreError::Io {
                         context: format!("completing {id}"),
                         source: io::Error::other(
@@ -1501,7 +1502,8 @@ impl Store {
         // Outside the lock: syncing a large file can take a while on a real disk.
         if let Some(part) = &part {
             if let Err(e) = part.finish() {
-                // Two fetches of one content finishing at once: the other renamed it.
+                // Two callers finishing one content at once (the API runs one fetch
+                // per content; the store stays safe without it): the other renamed it.
                 if !self.lock().contents.get(&id).is_some_and(|c| c.complete) {
                     return Err(e);
                 }

@@ -525,8 +525,9 @@ async fn a_fetch_whose_provider_died_gives_up_without_a_dial_storm() -> Result<(
 
 /// One fetch per content at a time: a second fetch of the same ID while the first runs
 /// is refused with a clear error (the API's 409, the CLI's message and exit status) and
-/// disturbs nothing; once the first has finished, a fetch to another path succeeds and
-/// is byte-identical.
+/// disturbs nothing; once the first has finished, a fetch to another path succeeds
+/// byte-identical with the provider gone (a local copy). A fetch whose client went
+/// away while it looked for providers frees its content at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_fetch_of_the_same_content_is_refused_while_the_first_runs() -> Result<()> {
     let mut net = Net::new();
@@ -538,7 +539,7 @@ async fn a_second_fetch_of_the_same_content_is_refused_while_the_first_runs() ->
         .spawn("fetcher", &["--bootnode".into(), net[p].addr().to_string()])
         .await?;
     let src = net.dir().join("twice.bin");
-    random_file(&src, 16 * 1024 * 1024, 34)?;
+    random_file(&src, 40 * 1024 * 1024, 34)?;
     let id = net[p].share(&src).await?.id.to_hex();
     let first_out = net.dir().join("first.bin");
     let second_out = net.dir().join("second.bin");
@@ -587,14 +588,64 @@ async fn a_second_fetch_of_the_same_content_is_refused_while_the_first_runs() ->
         "the first fetch did not finish: {last:?}"
     );
     assert_eq!(hash_file(&first_out)?, hash_file(&src)?);
-    // Then the same content to another path: from the fetcher's own store.
+    // Then the same content to another path, with the provider gone: a local copy.
+    net[p].kill();
     let events = net[f].fetch(&id, &second_out).await?;
     assert!(
         matches!(events.last(), Some(Progress::Finished { .. })),
         "{events:?}"
     );
     assert_eq!(hash_file(&second_out)?, hash_file(&src)?);
-    println!("checked: after the first fetch finished, a fetch to another path succeeded");
+    println!(
+        "checked: after the first fetch finished, a fetch to another path succeeded \
+         with the provider gone"
+    );
+
+    // A fetch nobody can serve looks for providers for 30 s, reporting nothing. Its
+    // client goes away (the CLI killed, as by Ctrl-C): the content is free again at
+    // once, not when the search would have given up.
+    let nobody = Hash::of(b"content nobody provides").to_hex();
+    let api = net[f].api_url().replace("http://", "");
+    let out = net.dir().join("nobody.bin");
+    let mut cli = Command::new(servant_tests::servant_bin())
+        .args(["fetch", &nobody, "-o", out.to_str().context("path")?])
+        .args(["--api", &api, "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refused = reqwest::Client::new()
+        .post(format!("{}/v1/fetch", net[f].api_url()))
+        .json(&serde_json::json!({ "id": nobody, "out": out }))
+        .send()
+        .await?;
+    assert_eq!(
+        refused.status(),
+        reqwest::StatusCode::CONFLICT,
+        "the first search should still be running"
+    );
+    drop(refused);
+    cli.kill()?;
+    cli.wait()?;
+    let killed = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(5),
+        "the content of a fetch whose client went away to be free",
+        || async {
+            let response = reqwest::Client::new()
+                .post(format!("{}/v1/fetch", net[f].api_url()))
+                .json(&serde_json::json!({ "id": nobody, "out": out }))
+                .send()
+                .await?;
+            Ok((response.status() != reqwest::StatusCode::CONFLICT).then_some(()))
+        },
+    )
+    .await?;
+    println!(
+        "checked: the client of a fetch still looking for providers went away; the content \
+         was free {} ms later",
+        killed.elapsed().as_millis()
+    );
     net.pass();
     Ok(())
 }

@@ -204,6 +204,7 @@ async fn start_relay(
     relay: &str,
     transport: &str,
     servant: bool,
+    wait_for_api: bool,
 ) -> Result<String> {
     if !servant {
         let id_file = dir.join("relay.id");
@@ -251,9 +252,10 @@ async fn start_relay(
         ),
     )?;
     // A bare peer dials its relay once: the relay must be listening first (its API
-    // answers once the node runs).
+    // answers once the node runs). Servant's peers retry their bootnode, and start
+    // at once as they always did.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while servant_json(lab, relay, &["status", "--json"]).is_err() {
+    while wait_for_api && servant_json(lab, relay, &["status", "--json"]).is_err() {
         if Instant::now() >= deadline {
             bail!("the relay did not start");
         }
@@ -286,7 +288,15 @@ fn servant_args(dir: &Path, name: &str, transport: &str, extra: &[&str]) -> Vec<
 /// One trial of `mix` on a fresh lab.
 async fn trial(dir: &Path, transport: &str, a: Nat, b: Nat, mix: Mix) -> Result<Outcome> {
     let (mut lab, relay, pa, pb) = build_lab(dir, a, b)?;
-    let relay_full = start_relay(&mut lab, dir, &relay, transport, mix.servant_relay).await?;
+    let relay_full = start_relay(
+        &mut lab,
+        dir,
+        &relay,
+        transport,
+        mix.servant_relay,
+        !mix.servant_peers,
+    )
+    .await?;
     if mix.servant_peers {
         servant_peers(&mut lab, dir, transport, &pa, &pb, &relay_full).await
     } else {
