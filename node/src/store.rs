@@ -2220,13 +2220,22 @@ mod tests {
         Ok(id)
     }
 
-    #[test]
-    fn a_linked_fetch_writes_each_chunk_once_and_serves_from_the_output(
-    ) -> Result<(), Box<dyn std::error::Error>> {
+    /// A scratch directory with a source store (`src`, unlimited) and a destination
+    /// store (`dst`, with `quota`): the set-up of every linked-fetch test.
+    fn two_stores(
+        quota: u64,
+    ) -> Result<(tempfile::TempDir, Store, PathBuf, Store), Box<dyn std::error::Error>> {
         let tmp = tempfile::tempdir()?;
         let src = Store::open(&tmp.path().join("src"), u64::MAX)?;
         let dst_dir = tmp.path().join("dst");
-        let dst = Store::open(&dst_dir, u64::MAX)?;
+        let dst = Store::open(&dst_dir, quota)?;
+        Ok((tmp, src, dst_dir, dst))
+    }
+
+    #[test]
+    fn a_linked_fetch_writes_each_chunk_once_and_serves_from_the_output(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let (tmp, src, dst_dir, dst) = two_stores(u64::MAX)?;
         let data = bytes(3 * CSU + 17, 40);
         let out = tmp.path().join("out.bin");
         let id = linked_fetch(&src, &dst, tmp.path(), "a", &data, &out, |_| true)?;
@@ -2281,10 +2290,7 @@ mod tests {
     #[test]
     fn a_linked_fetch_resumes_from_its_part_file_after_a_restart(
     ) -> Result<(), Box<dyn std::error::Error>> {
-        let tmp = tempfile::tempdir()?;
-        let src = Store::open(&tmp.path().join("src"), u64::MAX)?;
-        let dst_dir = tmp.path().join("dst");
-        let dst = Store::open(&dst_dir, u64::MAX)?;
+        let (tmp, src, dst_dir, dst) = two_stores(u64::MAX)?;
         let data = bytes(5 * CSU, 41);
         let out = tmp.path().join("out.bin");
         let id = linked_fetch(&src, &dst, tmp.path(), "r", &data, &out, |i| i % 2 == 0)?;
@@ -2327,10 +2333,7 @@ mod tests {
     #[test]
     fn linked_content_is_evicted_without_deleting_the_file_and_sharing_converts_it(
     ) -> Result<(), Box<dyn std::error::Error>> {
-        let tmp = tempfile::tempdir()?;
-        let src = Store::open(&tmp.path().join("src"), u64::MAX)?;
-        let dst_dir = tmp.path().join("dst");
-        let dst = Store::open(&dst_dir, 2 * CS as u64)?;
+        let (tmp, src, _, dst) = two_stores(2 * CS as u64)?;
         // Outputs under the sources' names, so sharing one gives the same id.
         let outs = tmp.path().join("outs");
         fs::create_dir(&outs)?;
@@ -2366,9 +2369,7 @@ mod tests {
     #[test]
     fn a_linked_file_deleted_by_the_user_is_fetched_again() -> Result<(), Box<dyn std::error::Error>>
     {
-        let tmp = tempfile::tempdir()?;
-        let src = Store::open(&tmp.path().join("src"), u64::MAX)?;
-        let dst = Store::open(&tmp.path().join("dst"), u64::MAX)?;
+        let (tmp, src, _, dst) = two_stores(u64::MAX)?;
         let data = bytes(2 * CSU, 48);
         let out = tmp.path().join("gone.bin");
         let id = linked_fetch(&src, &dst, tmp.path(), "g", &data, &out, |_| true)?;
@@ -2394,9 +2395,7 @@ mod tests {
     #[test]
     fn a_moved_part_file_is_re_hashed_and_a_lost_one_restarts_from_nothing(
     ) -> Result<(), Box<dyn std::error::Error>> {
-        let tmp = tempfile::tempdir()?;
-        let src = Store::open(&tmp.path().join("src"), u64::MAX)?;
-        let dst = Store::open(&tmp.path().join("dst"), u64::MAX)?;
+        let (tmp, src, _, dst) = two_stores(u64::MAX)?;
         let data = bytes(3 * CSU, 49);
         let first = tmp.path().join("first.bin");
         let id = linked_fetch(&src, &dst, tmp.path(), "l", &data, &first, |i| i < 2)?;
@@ -2420,10 +2419,7 @@ mod tests {
     #[test]
     fn a_kill_between_the_rename_and_the_index_finds_the_output_whole(
     ) -> Result<(), Box<dyn std::error::Error>> {
-        let tmp = tempfile::tempdir()?;
-        let src = Store::open(&tmp.path().join("src"), u64::MAX)?;
-        let dst_dir = tmp.path().join("dst");
-        let dst = Store::open(&dst_dir, u64::MAX)?;
+        let (tmp, src, dst_dir, dst) = two_stores(u64::MAX)?;
         let data = bytes(2 * CSU + 3, 50);
         let out = tmp.path().join("whole.bin");
         let id = linked_fetch(&src, &dst, tmp.path(), "w", &data, &out, |_| true)?;
@@ -2455,9 +2451,7 @@ mod tests {
     #[test]
     fn content_partly_held_as_blocks_or_a_directory_is_not_linked(
     ) -> Result<(), Box<dyn std::error::Error>> {
-        let tmp = tempfile::tempdir()?;
-        let src = Store::open(&tmp.path().join("src"), u64::MAX)?;
-        let dst = Store::open(&tmp.path().join("dst"), u64::MAX)?;
+        let (tmp, src, _, dst) = two_stores(u64::MAX)?;
         let id = fetch_into(&src, &dst, tmp.path(), "b", &bytes(2 * CSU, 47));
         assert!(dst.link(id, &tmp.path().join("b.out"), false)?.is_none());
         let dir = tmp.path().join("tree");

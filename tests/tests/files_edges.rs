@@ -439,6 +439,35 @@ async fn dial_failures_and_tasks(net: &Net, i: usize) -> Result<(f64, f64)> {
     Ok((failures, tasks))
 }
 
+/// A provider serving at 4 MiB/s (so a 40 MiB fetch lasts seconds), a fetcher
+/// bootstrapped from it, and a 40 MiB random file `name` shared by the provider.
+/// Returns the two nodes, the file and its content id.
+async fn throttled_pair(
+    net: &mut Net,
+    name: &str,
+    seed: u64,
+) -> Result<(usize, usize, std::path::PathBuf, String)> {
+    let p = net
+        .spawn("provider", &["--serve-rate-per-peer".into(), "4MiB".into()])
+        .await?;
+    let f = net
+        .spawn("fetcher", &["--bootnode".into(), net[p].addr().to_string()])
+        .await?;
+    let src = net.dir().join(name);
+    random_file(&src, 40 * 1024 * 1024, seed)?;
+    let id = net[p].share(&src).await?.id.to_hex();
+    Ok((p, f, src, id))
+}
+
+/// `POST /v1/fetch` of `id` to `out` at node `i`, without following it.
+async fn post_fetch(net: &Net, i: usize, id: &str, out: &Path) -> Result<reqwest::Response> {
+    Ok(reqwest::Client::new()
+        .post(format!("{}/v1/fetch", net[i].api_url()))
+        .json(&serde_json::json!({ "id": id, "out": out }))
+        .send()
+        .await?)
+}
+
 /// The only provider dies mid-transfer and none takes its place: the fetch gives up
 /// after its stall timeout with the verified part kept, and meanwhile it asks the dead
 /// provider again at a bounded pace. (A retry loop once re-dialed a vanished provider
@@ -446,15 +475,7 @@ async fn dial_failures_and_tasks(net: &Net, i: usize) -> Result<(f64, f64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_whose_provider_died_gives_up_without_a_dial_storm() -> Result<()> {
     let mut net = Net::new();
-    let p = net
-        .spawn("provider", &["--serve-rate-per-peer".into(), "4MiB".into()])
-        .await?;
-    let f = net
-        .spawn("fetcher", &["--bootnode".into(), net[p].addr().to_string()])
-        .await?;
-    let src = net.dir().join("dies.bin");
-    random_file(&src, 40 * 1024 * 1024, 33)?;
-    let id = net[p].share(&src).await?.id.to_hex();
+    let (p, f, _, id) = throttled_pair(&mut net, "dies.bin", 33).await?;
     let out = net.dir().join("dies.out");
     let mut stream = net[f].fetch_stream(&id, &out).await?;
     let mut killed_at = None;
@@ -532,15 +553,7 @@ async fn a_fetch_whose_provider_died_gives_up_without_a_dial_storm() -> Result<(
 async fn a_second_fetch_of_the_same_content_is_refused_while_the_first_runs() -> Result<()> {
     let mut net = Net::new();
     // Throttled, so the first fetch is still running when the second is asked for.
-    let p = net
-        .spawn("provider", &["--serve-rate-per-peer".into(), "4MiB".into()])
-        .await?;
-    let f = net
-        .spawn("fetcher", &["--bootnode".into(), net[p].addr().to_string()])
-        .await?;
-    let src = net.dir().join("twice.bin");
-    random_file(&src, 40 * 1024 * 1024, 34)?;
-    let id = net[p].share(&src).await?.id.to_hex();
+    let (p, f, src, id) = throttled_pair(&mut net, "twice.bin", 34).await?;
     let first_out = net.dir().join("first.bin");
     let second_out = net.dir().join("second.bin");
     let mut first = net[f].fetch_stream(&id, &first_out).await?;
@@ -554,11 +567,7 @@ async fn a_second_fetch_of_the_same_content_is_refused_while_the_first_runs() ->
             None => bail!("the first fetch's stream ended"),
         }
     }
-    let refused = reqwest::Client::new()
-        .post(format!("{}/v1/fetch", net[f].api_url()))
-        .json(&serde_json::json!({ "id": id, "out": second_out }))
-        .send()
-        .await?;
+    let refused = post_fetch(&net, f, &id, &second_out).await?;
     let status = refused.status();
     let body = refused.text().await?;
     assert_eq!(status, reqwest::StatusCode::CONFLICT, "{body}");
@@ -614,11 +623,7 @@ async fn a_second_fetch_of_the_same_content_is_refused_while_the_first_runs() ->
         .stderr(std::process::Stdio::null())
         .spawn()?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let refused = reqwest::Client::new()
-        .post(format!("{}/v1/fetch", net[f].api_url()))
-        .json(&serde_json::json!({ "id": nobody, "out": out }))
-        .send()
-        .await?;
+    let refused = post_fetch(&net, f, &nobody, &out).await?;
     assert_eq!(
         refused.status(),
         reqwest::StatusCode::CONFLICT,
@@ -632,11 +637,7 @@ async fn a_second_fetch_of_the_same_content_is_refused_while_the_first_runs() ->
         Duration::from_secs(5),
         "the content of a fetch whose client went away to be free",
         || async {
-            let response = reqwest::Client::new()
-                .post(format!("{}/v1/fetch", net[f].api_url()))
-                .json(&serde_json::json!({ "id": nobody, "out": out }))
-                .send()
-                .await?;
+            let response = post_fetch(&net, f, &nobody, &out).await?;
             Ok((response.status() != reqwest::StatusCode::CONFLICT).then_some(()))
         },
     )
