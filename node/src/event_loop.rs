@@ -90,6 +90,8 @@ struct ConnInfo {
     since: Instant,
     /// When a ping last came back on this connection.
     alive: Option<Instant>,
+    /// A ping went unanswered on it: the far end is gone (or restarted).
+    dead: bool,
 }
 
 struct PeerState {
@@ -116,6 +118,11 @@ pub struct EventLoop {
     /// Peers the peer manager meant to dial while another dial to them was already
     /// under way; their next connection counts as ours.
     wanted: std::collections::HashSet<PeerId>,
+    /// Peers found to have restarted (see [`crate::duplicates::peer_restarted`]),
+    /// being disconnected, with the addresses to dial them at once the last of their
+    /// connections has closed. Bounded by the connected peers: an entry goes when its
+    /// peer disconnects.
+    reconnect: HashMap<PeerId, Vec<Multiaddr>>,
     dial_sources: HashMap<ConnectionId, (Option<PeerId>, Source)>,
     health: watch::Sender<Health>,
     started: Instant,
@@ -258,6 +265,7 @@ impl EventLoop {
             peers: HashMap::new(),
             pending_connects: HashMap::new(),
             wanted: std::collections::HashSet::new(),
+            reconnect: HashMap::new(),
             slow_gossip: Default::default(),
             dial_sources: HashMap::new(),
             health,
@@ -546,6 +554,7 @@ impl EventLoop {
                 chosen,
                 since: now,
                 alive: None,
+                dead: false,
             },
         );
         self.traversal.on_established(peer, &addr, num_established);
@@ -582,12 +591,22 @@ impl EventLoop {
             .connections
             .get_or_create(&connection_label(addr, outbound))
             .dec();
-        let chosen = self
+        let closed = self
             .peers
             .get_mut(&peer)
-            .and_then(|state| state.connections.remove(&connection_id))
-            .is_some_and(|c| c.chosen);
+            .and_then(|state| state.connections.remove(&connection_id));
+        let chosen = closed.as_ref().is_some_and(|c| c.chosen);
         self.traversal.on_closed(peer, num_established);
+        if let Some(closed) = closed.filter(|_| num_established > 0) {
+            let died = if closed.dead {
+                Some("a ping went unanswered")
+            } else if cause.as_ref().is_some_and(crate::duplicates::timed_out) {
+                Some("its transport timed out")
+            } else {
+                None
+            };
+            self.reconnect_if_restarted(peer, &closed, died);
+        }
         if num_established > 0 {
             // Whichever end closed it, the connections left may have protocol handlers
             // that only wake for queued work once they have a stream of their own
@@ -603,15 +622,64 @@ impl EventLoop {
         }
         if num_established == 0 {
             self.peers.remove(&peer);
+            let reconnect = self.reconnect.remove(&peer);
             self.slow_gossip.forget(&peer);
             self.peer_manager
                 .on_disconnected(peer, Instant::now(), chosen);
             tracing::debug!(%peer, cause = ?cause, "disconnected");
             self.publish_health(None);
+            if let Some(addrs) = reconnect {
+                self.dial(Candidate {
+                    peer,
+                    addrs,
+                    source: Source::Known,
+                });
+            }
         }
         self.metrics
             .connected_peers
             .set(self.peer_manager.connected_count() as i64);
+    }
+
+    /// A direct connection to `peer` closed while others stay. If it `died` (why) and a newer
+    /// direct one lives, the peer restarted and our protocols' state about it is stale
+    /// (see [`crate::duplicates::peer_restarted`]): every connection to it closes, and
+    /// it is dialed again once they have.
+    fn reconnect_if_restarted(&mut self, peer: PeerId, closed: &ConnInfo, died: Option<&str>) {
+        let Some(died) = died else {
+            return;
+        };
+        if crate::addr::is_relayed(&closed.addr) || self.reconnect.contains_key(&peer) {
+            return;
+        }
+        let Some(state) = self.peers.get(&peer) else {
+            return;
+        };
+        let direct_left: Vec<&ConnInfo> = state
+            .connections
+            .values()
+            .filter(|c| !crate::addr::is_relayed(&c.addr))
+            .collect();
+        let since: Vec<Instant> = direct_left.iter().map(|c| c.since).collect();
+        if !crate::duplicates::peer_restarted(closed.since, &since) {
+            return;
+        }
+        // Where we dialed it, that address works; otherwise the behaviours' address
+        // books (Kademlia, identify) supply the peer's listen addresses.
+        let addrs: Vec<Multiaddr> = direct_left
+            .iter()
+            .filter(|c| c.outbound)
+            .map(|c| c.addr.clone())
+            .collect();
+        tracing::info!(
+            %peer,
+            old_connection = died,
+            "an older connection to the peer died while a newer one lives: it restarted; reconnecting so both ends start afresh"
+        );
+        self.metrics.peer_restarts.inc();
+        if self.swarm.disconnect_peer_id(peer).is_ok() {
+            self.reconnect.insert(peer, addrs);
+        }
     }
 
     /// A peer can end up with several connections: two nodes dialing each other at
@@ -902,6 +970,13 @@ impl EventLoop {
             Err(e) => {
                 tracing::debug!(peer = %event.peer, error = %e, "ping failed; closing the connection");
                 self.metrics.ping_failures.inc();
+                if let Some(c) = self
+                    .peers
+                    .get_mut(&event.peer)
+                    .and_then(|s| s.connections.get_mut(&event.connection))
+                {
+                    c.dead = true;
+                }
                 self.swarm.close_connection(event.connection);
             }
         }

@@ -106,6 +106,8 @@ pub struct Metrics {
     pub peers_trimmed: Counter,
     /// Connections closed because the peer stopped answering pings.
     pub ping_failures: Counter,
+    /// Peers reconnected because they restarted behind a connection we still held.
+    pub peer_restarts: Counter,
     /// Peers disconnected for not reading what the node sent, by protocol.
     pub slow_peers_dropped: Family<ProtocolLabel, Counter>,
     /// Open streams, by the protocol their opener proposed first.
@@ -457,6 +459,7 @@ impl Metrics {
             connections_denied: Family::default(),
             peers_trimmed: Counter::default(),
             ping_failures: Counter::default(),
+            peer_restarts: Counter::default(),
             slow_peers_dropped: Family::default(),
             streams: Family::default(),
             kad_provider_records_refused: Counter::default(),
@@ -533,6 +536,11 @@ impl Metrics {
             "ping_failures",
             "Connections closed because the peer stopped answering pings",
             metrics.ping_failures.clone(),
+        );
+        r.register(
+            "peer_restarts",
+            "Peers reconnected afresh because they restarted behind a connection still held",
+            metrics.peer_restarts.clone(),
         );
         r.register(
             "kad_provider_records_refused",

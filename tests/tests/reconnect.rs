@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use servant_tests::{eventually, Net};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,6 +73,81 @@ async fn reconnects_when_peers_return() -> Result<()> {
         .await?;
     }
     println!("checked: the node reconnected to its returning peers by itself");
+    net.pass();
+    Ok(())
+}
+
+/// A node killed without warning comes back over QUIC before its peer has noticed the
+/// old connection is dead (nothing like a TCP reset ends a QUIC connection), so the
+/// peer sees the new connection as its second. Gossipsub greets a peer only on its
+/// first connection: unless the peer starts afresh, the restarted node never learns
+/// its topics and cannot join the mesh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_restarted_behind_a_live_quic_connection_is_greeted_afresh() -> Result<()> {
+    const TOPIC: &str = "restarts";
+    let mut net = Net::new();
+    let steady = net.spawn("steady", &[]).await?;
+    let quic = format!(
+        "/ip4/{}/udp/{}/quic-v1/p2p/{}",
+        net[steady].p2p_host,
+        net[steady].p2p_port,
+        net[steady].id()
+    );
+    let restarter = net
+        .spawn("restarter", &["--bootnode".into(), quic.clone()])
+        .await?;
+    let mut steady_sub = net[steady].subscribe(TOPIC).await?;
+    let restarter_sub = net[restarter].subscribe(TOPIC).await?;
+    net[restarter]
+        .wait_mesh(TOPIC, 1, Duration::from_secs(30))
+        .await?;
+    net[steady]
+        .wait_mesh(TOPIC, 1, Duration::from_secs(30))
+        .await?;
+    let over_quic = net[steady]
+        .peers()
+        .await?
+        .iter()
+        .any(|p| p.addrs.iter().any(|a| a.contains("quic-v1")));
+    assert!(over_quic, "the two nodes should talk over QUIC");
+    println!("checked: two nodes share a mesh over QUIC");
+
+    drop(restarter_sub);
+    net[restarter].kill();
+    net[restarter].start().await?;
+    let mut restarter_sub = net[restarter].subscribe(TOPIC).await?;
+    // The old connection times out within QUIC's 10 s idle limit or a failed ping
+    // (10 s + 10 s); the reset and the new mesh take a few heartbeats more.
+    net[restarter]
+        .wait_mesh(TOPIC, 1, Duration::from_secs(40))
+        .await
+        .context("the restarted node never joined the mesh: its peer never greeted it")?;
+    let restarts = net[steady].metric("servant_peer_restarts_total").await?;
+    assert!(
+        restarts >= 1.0,
+        "steady should count the restart it answered ({restarts})"
+    );
+    assert!(
+        net[steady].log().contains("it restarted; reconnecting"),
+        "steady should log why it reconnected"
+    );
+    println!("checked: the peer noticed the restart ({restarts}) and greeted the node afresh");
+
+    // Broadcasts flow both ways again.
+    for (from, to, sub) in [
+        (steady, restarter, &mut restarter_sub),
+        (restarter, steady, &mut steady_sub),
+    ] {
+        let body = format!("from {} after the restart", net[from].name);
+        let sent = net[from].publish(TOPIC, "test", &body).await?;
+        let (delivery, _) = sub
+            .wait_for(&sent.envelope.id, Duration::from_secs(10))
+            .await;
+        let delivery =
+            delivery.with_context(|| format!("{} never received {body:?}", net[to].name))?;
+        assert_eq!(delivery.envelope.body, body);
+    }
+    println!("checked: broadcasts reach both nodes after the restart");
     net.pass();
     Ok(())
 }
