@@ -237,3 +237,81 @@ impl Drop for Lab {
         }
     }
 }
+
+/// Sends one HTTP/1.1 request to `127.0.0.1:port` inside network namespace `ns` and
+/// returns the response body (an error for a status other than 2xx). The socket is
+/// made by a thread that joins the namespace, so no process starts: a benchmark can
+/// talk to a node's API without a process launch (or exit) landing on the
+/// milliseconds it measures, on a machine whose two cores the lab's nodes share.
+pub fn http(ns: &str, port: u16, method: &str, path: &str, body: Option<&str>) -> Result<String> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let ns_path = format!("/run/netns/{ns}");
+    let joined = std::thread::spawn(move || -> Result<std::net::TcpStream> {
+        let file = std::fs::File::open(&ns_path).with_context(|| format!("open {ns_path}"))?;
+        // SAFETY: setns only moves this short-lived thread into the namespace that the
+        // open descriptor names; the socket keeps that namespace after the thread ends.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {ns_path}: {}", std::io::Error::last_os_error());
+        }
+        Ok(std::net::TcpStream::connect(("127.0.0.1", port))?)
+    });
+    let mut stream = joined
+        .join()
+        .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))??;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("{method} {path} in {ns}: no HTTP response"))?;
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if !status.starts_with('2') {
+        bail!("{method} {path} in {ns}: {head}: {rest}");
+    }
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok(dechunk(rest));
+    }
+    Ok(rest.to_string())
+}
+
+/// The payload of a chunked HTTP body.
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        let (Some(chunk), Some(after)) = (tail.get(..n), tail.get(n..)) else {
+            break;
+        };
+        if n == 0 {
+            break;
+        }
+        out.push_str(chunk);
+        rest = after.trim_start_matches("\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_chunked_body_is_joined() {
+        let body = "4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n";
+        assert_eq!(super::dechunk(body), "{\"a\":1}");
+        // A size past the end stops, it does not panic.
+        assert_eq!(super::dechunk("ff\r\nabc"), "");
+    }
+}

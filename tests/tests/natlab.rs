@@ -26,8 +26,7 @@ fn peers(lab: &Lab, ns: &str) -> Result<Vec<PeerView>> {
 }
 
 fn metric(ns: &str, series: &str) -> Result<f64> {
-    let script = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:5100/metrics').read().decode())";
-    let text = natlab::sh(&["ip", "netns", "exec", ns, "python3", "-c", script])?;
+    let text = natlab::http(ns, 5100, "GET", "/metrics", None)?;
     Ok(servant_tests::metric_value(&text, series).unwrap_or(0.0))
 }
 
