@@ -98,48 +98,6 @@ pub fn decide(direct: &[Direct], we_are_smaller: bool) -> Decision {
     }
 }
 
-/// Whether a peer restarted behind our back, judged when one of its direct
-/// connections died (a ping went unanswered, or its transport timed out: see
-/// [`timed_out`]) while others stay: some direct connection left is newer.
-///
-/// A process killed without warning leaves its QUIC connections open at the far end
-/// until they time out, and comes back over a new one. Protocols that greet a peer
-/// only on its first connection (gossipsub sends its subscriptions then, and treats
-/// the peer as gone only when the last connection closes) saw the new one as a second:
-/// the restarted node never learns our topics and our mesh still holds its past self.
-/// The event loop answers `true` by closing every connection to the peer and
-/// dialing it again, so both ends start their protocols afresh.
-pub fn peer_restarted(closed_since: Instant, direct_left: &[Instant]) -> bool {
-    // Beyond `SIMULTANEOUS`: between two connections opened at once, the older may be
-    // the one both ends drop (see `decide`), and that is no restart.
-    direct_left
-        .iter()
-        .any(|since| since.saturating_duration_since(closed_since) > SIMULTANEOUS)
-}
-
-/// Whether a connection ended because its transport timed out (QUIC's idle timeout,
-/// a TCP keepalive), as opposed to being closed by either end. A peer closing a
-/// connection it no longer wants shows here as an I/O error too, so only a timeout
-/// anywhere in the chain of causes counts as the far end having gone.
-pub fn timed_out(cause: &libp2p::swarm::ConnectionError) -> bool {
-    let libp2p::swarm::ConnectionError::IO(e) = cause else {
-        return false;
-    };
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = next {
-        let io_timeout = err
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
-        // quinn's idle timeout reaches us boxed in libp2p-quic's own error type,
-        // which keeps no io::ErrorKind: its text is all that says what happened.
-        if io_timeout || err.to_string() == "timed out" {
-            return true;
-        }
-        next = err.source();
-    }
-    false
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,38 +153,6 @@ mod tests {
         let d = decide(&theirs, false);
         assert_eq!(d.close, ids(&[]));
         assert_eq!(d.keep.len(), 2);
-    }
-
-    #[test]
-    fn a_dead_connection_outlived_by_a_newer_one_means_a_restart() {
-        let t = Instant::now();
-        let later = t + Duration::from_secs(3);
-        assert!(peer_restarted(t, &[later]));
-        // Two connections opened at once: the older may be dropped as a duplicate.
-        assert!(!peer_restarted(t, &[t + SIMULTANEOUS / 2]));
-        // The newer one died: the peer still talks over its first connection.
-        assert!(!peer_restarted(later, &[t]));
-        // Nothing direct left: the peer is simply gone, or reached through a relay.
-        assert!(!peer_restarted(t, &[]));
-    }
-
-    #[test]
-    fn only_a_timeout_says_the_far_end_went() {
-        use libp2p::swarm::ConnectionError;
-        use std::io;
-        #[derive(Debug)]
-        struct Quic;
-        impl std::fmt::Display for Quic {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("timed out")
-            }
-        }
-        impl std::error::Error for Quic {}
-        let boxed = |e: io::Error| ConnectionError::IO(io::Error::other(e));
-        assert!(timed_out(&boxed(io::Error::from(io::ErrorKind::TimedOut))));
-        assert!(timed_out(&ConnectionError::IO(io::Error::other(Quic))));
-        assert!(!timed_out(&boxed(io::Error::other("connection closed"))));
-        assert!(!timed_out(&ConnectionError::KeepAliveTimeout));
     }
 
     #[test]

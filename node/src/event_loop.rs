@@ -118,11 +118,9 @@ pub struct EventLoop {
     /// Peers the peer manager meant to dial while another dial to them was already
     /// under way; their next connection counts as ours.
     wanted: std::collections::HashSet<PeerId>,
-    /// Peers found to have restarted (see [`crate::duplicates::peer_restarted`]),
-    /// being disconnected, with the addresses to dial them at once the last of their
-    /// connections has closed. Bounded by the connected peers: an entry goes when its
-    /// peer disconnects.
-    reconnect: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Peers that may have restarted behind a connection we held, and those being
+    /// reset for it (see [`crate::restarts`]).
+    restarts: crate::restarts::Restarts,
     dial_sources: HashMap<ConnectionId, (Option<PeerId>, Source)>,
     health: watch::Sender<Health>,
     started: Instant,
@@ -265,7 +263,7 @@ impl EventLoop {
             peers: HashMap::new(),
             pending_connects: HashMap::new(),
             wanted: std::collections::HashSet::new(),
-            reconnect: HashMap::new(),
+            restarts: Default::default(),
             slow_gossip: Default::default(),
             dial_sources: HashMap::new(),
             health,
@@ -364,6 +362,7 @@ impl EventLoop {
             self.swarm.remove_listener(id);
         }
         self.save_bans();
+        self.restarts.clear();
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in peers {
             let _ = self.swarm.disconnect_peer_id(peer);
@@ -558,6 +557,11 @@ impl EventLoop {
             },
         );
         self.traversal.on_established(peer, &addr, num_established);
+        // A peer being reset for a restart must be seen with no connection at all
+        // before it is dialed again; one that arrives meanwhile goes too.
+        if self.restarts.is_resetting(&peer) {
+            self.swarm.close_connection(connection_id);
+        }
         if num_established == 1 {
             self.peer_manager.on_connected(peer, now);
             tracing::debug!(%peer, %addr, outbound, "connected");
@@ -600,12 +604,12 @@ impl EventLoop {
         if let Some(closed) = closed.filter(|_| num_established > 0) {
             let died = if closed.dead {
                 Some("a ping went unanswered")
-            } else if cause.as_ref().is_some_and(crate::duplicates::timed_out) {
+            } else if cause.as_ref().is_some_and(crate::restarts::timed_out) {
                 Some("its transport timed out")
             } else {
                 None
             };
-            self.reconnect_if_restarted(peer, &closed, died);
+            self.suspect_restart(peer, &closed, died);
         }
         if num_established > 0 {
             // Whichever end closed it, the connections left may have protocol handlers
@@ -622,7 +626,7 @@ impl EventLoop {
         }
         if num_established == 0 {
             self.peers.remove(&peer);
-            let reconnect = self.reconnect.remove(&peer);
+            let reconnect = self.restarts.on_disconnected(&peer);
             self.slow_gossip.forget(&peer);
             self.peer_manager
                 .on_disconnected(peer, Instant::now(), chosen);
@@ -641,15 +645,14 @@ impl EventLoop {
             .set(self.peer_manager.connected_count() as i64);
     }
 
-    /// A direct connection to `peer` closed while others stay. If it `died` (why) and a newer
-    /// direct one lives, the peer restarted and our protocols' state about it is stale
-    /// (see [`crate::duplicates::peer_restarted`]): every connection to it closes, and
-    /// it is dialed again once they have.
-    fn reconnect_if_restarted(&mut self, peer: PeerId, closed: &ConnInfo, died: Option<&str>) {
+    /// A direct connection to `peer` closed while others stay. If it `died` (how) and
+    /// a newer direct one lives, the peer may have restarted (see [`crate::restarts`]):
+    /// a ping answered on the newer one will tell.
+    fn suspect_restart(&mut self, peer: PeerId, closed: &ConnInfo, died: Option<&'static str>) {
         let Some(died) = died else {
             return;
         };
-        if crate::addr::is_relayed(&closed.addr) || self.reconnect.contains_key(&peer) {
+        if crate::addr::is_relayed(&closed.addr) {
             return;
         }
         let Some(state) = self.peers.get(&peer) else {
@@ -661,24 +664,36 @@ impl EventLoop {
             .filter(|c| !crate::addr::is_relayed(&c.addr))
             .collect();
         let since: Vec<Instant> = direct_left.iter().map(|c| c.since).collect();
-        if !crate::duplicates::peer_restarted(closed.since, &since) {
+        if !crate::restarts::newer_one_lives(closed.since, &since) {
             return;
         }
-        // Where we dialed it, that address works; otherwise the behaviours' address
-        // books (Kademlia, identify) supply the peer's listen addresses.
+        // Where we dialed it, those addresses work (a restarted node keeps its port);
+        // otherwise the behaviours' address books (Kademlia, identify) supply some.
         let addrs: Vec<Multiaddr> = direct_left
             .iter()
+            .copied()
+            .chain(std::iter::once(closed))
             .filter(|c| c.outbound)
             .map(|c| c.addr.clone())
             .collect();
+        tracing::debug!(%peer, old_connection = died, "an older connection died while a newer one lives: the peer may have restarted");
+        self.restarts.on_death(peer, died, addrs, Instant::now());
+    }
+
+    /// A ping came back from `peer`: if that proves a suspected restart, every
+    /// connection to it closes and it is dialed again once they have.
+    fn reset_if_restarted(&mut self, peer: PeerId) {
+        let Some((reset, addrs)) = self.restarts.on_pong(peer, Instant::now()) else {
+            return;
+        };
         tracing::info!(
             %peer,
-            old_connection = died,
+            old_connection = reset.why,
             "an older connection to the peer died while a newer one lives: it restarted; reconnecting so both ends start afresh"
         );
         self.metrics.peer_restarts.inc();
         if self.swarm.disconnect_peer_id(peer).is_ok() {
-            self.reconnect.insert(peer, addrs);
+            self.restarts.resetting(peer, addrs, Instant::now());
         }
     }
 
@@ -963,6 +978,7 @@ impl EventLoop {
                         c.alive = Some(Instant::now());
                     }
                 }
+                self.reset_if_restarted(event.peer);
                 self.traversal.on_rtt(event.peer, rtt);
             }
             // A peer without ping is not dead; it just cannot be measured.
@@ -1153,12 +1169,14 @@ impl EventLoop {
                 .slow_peers_dropped
                 .get_or_create(&crate::metrics::ProtocolLabel { protocol })
                 .inc();
+            self.restarts.forget(&peer);
             let _ = self.swarm.disconnect_peer_id(peer);
         }
     }
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        self.restarts.expire(now);
         crate::chunk_pool::purge();
         if now.duration_since(self.log_report.1) >= LOG_REPORT_INTERVAL {
             self.log_report.1 = now;
@@ -1213,6 +1231,7 @@ impl EventLoop {
         for peer in plan.trim {
             tracing::debug!(%peer, "trimming connection above the high watermark");
             self.metrics.peers_trimmed.inc();
+            self.restarts.forget(&peer);
             let _ = self.swarm.disconnect_peer_id(peer);
         }
         if plan.discover {

@@ -52,6 +52,7 @@ pub mod refusals;
 pub mod relay_throttle;
 pub mod relayed_hold;
 pub mod relays;
+pub mod restarts;
 pub mod role;
 pub mod search;
 pub mod slow_peers;

@@ -246,6 +246,7 @@ impl Drop for Lab {
 pub fn http(ns: &str, port: u16, method: &str, path: &str, body: Option<&str>) -> Result<String> {
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
+    let what = format!("{method} {path} in {ns}");
     let ns_path = format!("/run/netns/{ns}");
     let joined = std::thread::spawn(move || -> Result<std::net::TcpStream> {
         let file = std::fs::File::open(&ns_path).with_context(|| format!("open {ns_path}"))?;
@@ -258,7 +259,8 @@ pub fn http(ns: &str, port: u16, method: &str, path: &str, body: Option<&str>) -
     });
     let mut stream = joined
         .join()
-        .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))??;
+        .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
+        .with_context(|| format!("{what}: connect"))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let body = body.unwrap_or("");
     write!(
@@ -266,52 +268,78 @@ pub fn http(ns: &str, port: u16, method: &str, path: &str, body: Option<&str>) -
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )?;
+    )
+    .with_context(|| format!("{what}: send"))?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, rest) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("{method} {path} in {ns}: no HTTP response"))?;
+    stream
+        .read_to_end(&mut response)
+        .with_context(|| format!("{what}: read"))?;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .with_context(|| format!("{what}: no HTTP response"))?;
+    let head = std::str::from_utf8(&response[..split]).with_context(|| format!("{what}: head"))?;
+    let rest = &response[split + 4..];
     let status = head.split_whitespace().nth(1).unwrap_or("");
     if !status.starts_with('2') {
-        bail!("{method} {path} in {ns}: {head}: {rest}");
+        bail!("{what}: {head}: {}", String::from_utf8_lossy(rest));
     }
-    if head
+    let chunked = head
         .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return Ok(dechunk(rest));
-    }
-    Ok(rest.to_string())
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(rest).with_context(|| format!("{what}: chunked body"))?
+    } else {
+        rest.to_vec()
+    };
+    String::from_utf8(body).with_context(|| format!("{what}: body is not UTF-8"))
 }
 
-/// The payload of a chunked HTTP body.
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        let (Some(chunk), Some(after)) = (tail.get(..n), tail.get(n..)) else {
-            break;
-        };
+/// The payload of a chunked HTTP body; an error unless it ends with its last chunk.
+fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("a chunk size line without its end")?;
+        let line = std::str::from_utf8(&rest[..line_end]).context("a chunk size line")?;
+        // Chunk extensions (`;name=value`) are allowed and ignored.
+        let size = line.split(';').next().unwrap_or("").trim();
+        let n = usize::from_str_radix(size, 16).with_context(|| format!("chunk size {size:?}"))?;
+        let data = &rest[line_end + 2..];
         if n == 0 {
-            break;
+            return Ok(out);
         }
-        out.push_str(chunk);
-        rest = after.trim_start_matches("\r\n");
+        let chunk = data.get(..n).context("a chunk shorter than its size")?;
+        out.extend_from_slice(chunk);
+        rest = data
+            .get(n..)
+            .and_then(|r| r.strip_prefix(b"\r\n"))
+            .context("a chunk without its line end")?;
     }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn a_chunked_body_is_joined() {
-        let body = "4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n";
-        assert_eq!(super::dechunk(body), "{\"a\":1}");
-        // A size past the end stops, it does not panic.
-        assert_eq!(super::dechunk("ff\r\nabc"), "");
+    fn a_chunked_body_is_joined_and_a_broken_one_refused() {
+        let body = "4\r\n{\"a\"\r\n3;x=y\r\n:1}\r\n0\r\n\r\n";
+        assert_eq!(
+            super::dechunk(body.as_bytes()).ok(),
+            Some(b"{\"a\":1}".to_vec())
+        );
+        // A multi-byte character split across chunks is joined whole.
+        let euro = "\u{20ac}".as_bytes();
+        let mut split = b"1\r\n".to_vec();
+        split.extend_from_slice(&euro[..1]);
+        split.extend_from_slice(b"\r\n2\r\n");
+        split.extend_from_slice(&euro[1..]);
+        split.extend_from_slice(b"\r\n0\r\n\r\n");
+        assert_eq!(super::dechunk(&split).ok(), Some(euro.to_vec()));
+        // A size past the end, a missing last chunk, a bad size: errors, not panics.
+        assert!(super::dechunk(b"ff\r\nabc").is_err());
+        assert!(super::dechunk(b"3\r\nabc\r\n").is_err());
+        assert!(super::dechunk(b"zz\r\nabc\r\n0\r\n\r\n").is_err());
     }
 }

@@ -115,9 +115,28 @@ async fn a_peer_restarted_behind_a_live_quic_connection_is_greeted_afresh() -> R
     drop(restarter_sub);
     net[restarter].kill();
     net[restarter].start().await?;
+    // What this test is about: the restarted node's new connection lands beside the
+    // old one, which QUIC keeps for up to its 10 s idle timeout.
+    let restarter_id = net[restarter].id().to_string();
+    {
+        let (net, restarter_id) = (&net, &restarter_id);
+        eventually(
+            Duration::from_secs(5),
+            "steady to hold the old connection and the new one at once (the premise)",
+            || async move {
+                let peers = net[steady].peers().await?;
+                Ok(peers
+                    .iter()
+                    .any(|p| &p.peer_id == restarter_id && p.addrs.len() >= 2)
+                    .then_some(()))
+            },
+        )
+        .await?;
+    }
     let mut restarter_sub = net[restarter].subscribe(TOPIC).await?;
     // The old connection times out within QUIC's 10 s idle limit or a failed ping
-    // (10 s + 10 s); the reset and the new mesh take a few heartbeats more.
+    // (10 s + 10 s); the reset waits for the new one to answer a ping after that
+    // (every 10 s), and the new mesh takes a heartbeat more.
     net[restarter]
         .wait_mesh(TOPIC, 1, Duration::from_secs(40))
         .await
