@@ -683,17 +683,18 @@ impl EventLoop {
     /// A ping came back from `peer`: if that proves a suspected restart, every
     /// connection to it closes and it is dialed again once they have.
     fn reset_if_restarted(&mut self, peer: PeerId) {
-        let Some((reset, addrs)) = self.restarts.on_pong(peer, Instant::now()) else {
+        let Some(restarted) = self.restarts.on_pong(peer, Instant::now()) else {
             return;
         };
         tracing::info!(
             %peer,
-            old_connection = reset.why,
+            old_connection = restarted.why,
             "an older connection to the peer died while a newer one lives: it restarted; reconnecting so both ends start afresh"
         );
         self.metrics.peer_restarts.inc();
         if self.swarm.disconnect_peer_id(peer).is_ok() {
-            self.restarts.resetting(peer, addrs, Instant::now());
+            self.restarts
+                .resetting(peer, restarted.addrs, Instant::now());
         }
     }
 

@@ -363,10 +363,10 @@ impl Fetch {
     /// hold its content's claim ([`Running`]) until then.
     async fn unless_gone<T>(
         progress: &mpsc::Sender<Progress>,
-        work: impl std::future::Future<Output = Result<T, FetchError>>,
+        work: impl std::future::Future<Output = T>,
     ) -> Result<T, FetchError> {
         tokio::select! {
-            done = work => done,
+            done = work => Ok(done),
             _ = progress.closed() => Err(gone()),
         }
     }
@@ -515,18 +515,14 @@ impl Fetch {
         let deadline = Instant::now() + STALL_TIMEOUT;
         loop {
             let progress = self.progress.clone();
-            let found = Self::unless_gone(&progress, self.discover()).await?;
+            let found = Self::unless_gone(&progress, self.discover()).await??;
             if let Some(bytes) = found {
                 return Ok(bytes);
             }
             if Instant::now() >= deadline {
                 return Err(FetchError::NoProviders(self.request.id));
             }
-            Self::unless_gone(&progress, async {
-                tokio::time::sleep(REDISCOVER_PAUSE).await;
-                Ok(())
-            })
-            .await?;
+            Self::unless_gone(&progress, tokio::time::sleep(REDISCOVER_PAUSE)).await?;
         }
     }
 
@@ -670,20 +666,12 @@ impl Fetch {
                     .min();
                 let progress = self.progress.clone();
                 if let Some(until) = waiting {
-                    Self::unless_gone(&progress, async {
-                        tokio::time::sleep_until(until.into()).await;
-                        Ok(())
-                    })
-                    .await?;
+                    Self::unless_gone(&progress, tokio::time::sleep_until(until.into())).await?;
                     continue;
                 }
-                Self::unless_gone(&progress, async {
-                    tokio::time::sleep(REDISCOVER_PAUSE).await;
-                    Ok(())
-                })
-                .await?;
+                Self::unless_gone(&progress, tokio::time::sleep(REDISCOVER_PAUSE)).await?;
                 // New providers answer with the manifest; it is already known.
-                let _ = Self::unless_gone(&progress, self.discover()).await?;
+                let _ = Self::unless_gone(&progress, self.discover()).await??;
                 continue;
             }
             tokio::select! {

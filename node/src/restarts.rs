@@ -59,9 +59,6 @@ pub fn timed_out(cause: &libp2p::swarm::ConnectionError) -> bool {
     let libp2p::swarm::ConnectionError::IO(e) = cause else {
         return false;
     };
-    if e.kind() == std::io::ErrorKind::TimedOut {
-        return true;
-    }
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = next {
         let io_timeout = err
@@ -83,11 +80,13 @@ struct Suspect {
     addrs: Vec<Multiaddr>,
 }
 
-/// What the event loop should do after a ping came back.
+/// A restart proved: the peer is to be reset.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Reset {
+pub struct Restarted {
     /// How the old connection died, for the log.
     pub why: &'static str,
+    /// Where to dial the peer again (empty: the behaviours' address books).
+    pub addrs: Vec<Multiaddr>,
 }
 
 /// Peers suspected of, or being reset for, a restart.
@@ -126,10 +125,10 @@ impl Restarts {
         );
     }
 
-    /// A ping to `peer` came back on a direct connection. `Some` (with the addresses to
-    /// redial) when that proves a suspected restart: the event loop then disconnects
-    /// the peer and calls [`Restarts::resetting`].
-    pub fn on_pong(&mut self, peer: PeerId, now: Instant) -> Option<(Reset, Vec<Multiaddr>)> {
+    /// A ping to `peer` came back on a direct connection. `Some` when that proves a
+    /// suspected restart: the event loop then disconnects the peer and calls
+    /// [`Restarts::resetting`].
+    pub fn on_pong(&mut self, peer: PeerId, now: Instant) -> Option<Restarted> {
         let suspect = self.suspects.get(&peer)?;
         if now <= suspect.died {
             return None;
@@ -139,7 +138,10 @@ impl Restarts {
             return None;
         }
         self.last_reset.insert(peer, now);
-        Some((Reset { why: suspect.why }, suspect.addrs))
+        Some(Restarted {
+            why: suspect.why,
+            addrs: suspect.addrs,
+        })
     }
 
     /// The event loop asked the swarm to close every connection to `peer`.
@@ -251,8 +253,8 @@ mod tests {
         r.on_death(peer, "its transport timed out", vec![], t);
         // A pong timed at the death proves nothing.
         assert_eq!(r.on_pong(peer, t), None);
-        let (reset, _) = r.on_pong(peer, t + Duration::from_secs(4)).expect("proved");
-        assert_eq!(reset.why, "its transport timed out");
+        let proved = r.on_pong(peer, t + Duration::from_secs(4));
+        assert_eq!(proved.map(|p| p.why), Some("its transport timed out"));
         r.resetting(peer, vec![], t + Duration::from_secs(4));
         assert!(r.is_resetting(&peer));
         assert_eq!(r.on_disconnected(&peer), Some(vec![]));
