@@ -257,7 +257,7 @@ async fn start_relay(
     // answers once the node runs). Servant's peers retry their bootnode, and start
     // at once as they always did.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while wait_for_api && servant_json(lab, relay, &["status", "--json"]).is_err() {
+    while wait_for_api && api(relay, "GET", "/v1/status", None).await.is_err() {
         if Instant::now() >= deadline {
             bail!("the relay did not start");
         }
@@ -358,9 +358,23 @@ async fn bare_peers(
     Ok(serde_json::from_str(&text)?)
 }
 
-fn servant_json(lab: &Lab, ns: &str, args: &[&str]) -> Result<serde_json::Value> {
-    let text = lab.run(ns, &servant_bin()?, args)?;
-    Ok(serde_json::from_str(&text)?)
+/// Asks the API of the Servant node in namespace `ns` over a socket made inside it,
+/// not through a `servant` CLI process: a process starting and exiting beside a hole
+/// punch takes CPU from it on two cores, and the bare implementation's nodes dial and
+/// report with nothing launched.
+async fn api(ns: &str, method: &str, path: &str, body: Option<String>) -> Result<String> {
+    let (ns, method, path) = (ns.to_string(), method.to_string(), path.to_string());
+    tokio::task::spawn_blocking(move || {
+        servant_tests::natlab::http(&ns, API_PORT, &method, &path, body.as_deref())
+    })
+    .await?
+}
+
+/// `GET /v1/reach` of the node in `ns`: its reservations and hole punches.
+async fn reach(ns: &str) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(
+        &api(ns, "GET", "/v1/reach", None).await?,
+    )?)
 }
 
 /// The servant binary beside this one (`cargo build --release -p servant`).
@@ -397,7 +411,7 @@ async fn servant_peers(
     // pb's circuit address, once its reservation is accepted.
     let deadline = Instant::now() + Duration::from_secs(20);
     let target = loop {
-        if let Ok(view) = servant_json(lab, pb, &["doctor", "--json"]) {
+        if let Ok(view) = reach(pb).await {
             let addr = view["reservations"]
                 .as_array()
                 .into_iter()
@@ -417,27 +431,16 @@ async fn servant_peers(
     };
     // pa must know its observed address (identify with the relay) before dialing.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // From here on the bench talks to the nodes' APIs over sockets it makes in their
-    // namespaces, not through `servant` CLI processes: a process starting and exiting
-    // beside the hole punch took CPU from it on two cores (the bare peers dial and
-    // report by themselves, with nothing launched). The first look comes a second
-    // later; the nodes time the punch themselves.
-    let api = |ns: &str, method: &str, path: &str, body: Option<String>| {
-        let (ns, method, path) = (ns.to_string(), method.to_string(), path.to_string());
-        tokio::task::spawn_blocking(move || {
-            servant_tests::natlab::http(&ns, API_PORT, &method, &path, body.as_deref())
-        })
-    };
     let body = serde_json::json!({ "target": target }).to_string();
-    api(pa, "POST", "/v1/connect", Some(body)).await??;
+    api(pa, "POST", "/v1/connect", Some(body)).await?;
+    // The first look comes a second later: the nodes time the punch themselves.
     tokio::time::sleep(Duration::from_secs(1)).await;
     // DCUtR reports on whichever side's dial decided it: both are asked.
     let deadline = Instant::now() + Duration::from_secs(OUTCOME_WAIT);
     loop {
         let mut punches = Vec::new();
         for ns in [pa, pb] {
-            let text = api(ns, "GET", "/v1/reach", None).await??;
-            let view: serde_json::Value = serde_json::from_str(&text)?;
+            let view = reach(ns).await?;
             punches.extend(view["holepunches"].as_array().cloned().unwrap_or_default());
         }
         if let Some(h) = punches
