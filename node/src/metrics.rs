@@ -607,11 +607,33 @@ impl ProcessCollector {
 
 /// Resident memory of this process in bytes, from `/proc/self/statm`.
 pub fn resident_memory_bytes() -> Option<u64> {
+    Some(resident_memory()?.total)
+}
+
+/// Resident memory in bytes, all of it and the part backed by no file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resident {
+    /// Every resident page.
+    pub total: u64,
+    /// Pages backed by no file: heaps, stacks, anonymous maps. The rest are pages of
+    /// the executable and libraries, read in the first time a code path runs; they
+    /// are bounded by those files' size and the kernel can drop them at any time.
+    pub anon: u64,
+}
+
+/// This process's resident memory, from `/proc/self/statm` (resident and shared
+/// pages).
+pub fn resident_memory() -> Option<Resident> {
     // SAFETY: sysconf has no preconditions; it returns -1 on an unknown name.
     let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * page)
+    let mut fields = statm.split_whitespace().skip(1);
+    let resident: u64 = fields.next()?.parse().ok()?;
+    let file_backed: u64 = fields.next()?.parse().ok()?;
+    Some(Resident {
+        total: resident * page,
+        anon: resident.saturating_sub(file_backed) * page,
+    })
 }
 
 /// Open file descriptors of this process, from `/proc/self/fd`.
@@ -621,15 +643,28 @@ pub fn open_fds() -> Option<u64> {
 
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        if let Some(rss) = resident_memory_bytes() {
-            let gauge = ConstGauge::new(rss as i64);
-            let metric = encoder.encode_descriptor(
-                "process_resident_memory",
-                "Resident memory of the node process",
-                Some(&Unit::Bytes),
-                gauge.metric_type(),
-            )?;
-            gauge.encode(metric)?;
+        if let Some(rss) = resident_memory() {
+            for (name, help, bytes) in [
+                (
+                    "process_resident_memory",
+                    "Resident memory of the node process",
+                    rss.total,
+                ),
+                (
+                    "servant_resident_anon_memory",
+                    "Resident memory of the node process backed by no file (heaps, stacks)",
+                    rss.anon,
+                ),
+            ] {
+                let gauge = ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX));
+                let metric = encoder.encode_descriptor(
+                    name,
+                    help,
+                    Some(&Unit::Bytes),
+                    gauge.metric_type(),
+                )?;
+                gauge.encode(metric)?;
+            }
         }
         if let Some(fds) = open_fds() {
             let gauge = ConstGauge::new(fds as i64);
@@ -640,6 +675,34 @@ impl Collector for ProcessCollector {
                 gauge.metric_type(),
             )?;
             gauge.encode(metric)?;
+        }
+        if let Some(heap) = crate::allocator::heap() {
+            for (name, help, bytes) in [
+                (
+                    "servant_heap_in_use",
+                    "Bytes the allocator has handed out from its heaps and not had back",
+                    heap.in_use,
+                ),
+                (
+                    "servant_heap_mapped",
+                    "Bytes of large blocks the allocator mapped one by one (resident once written)",
+                    heap.mapped,
+                ),
+                (
+                    "servant_heap_free",
+                    "Freed bytes the allocator keeps in its heaps instead of returning them",
+                    heap.free,
+                ),
+            ] {
+                let gauge = ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX));
+                let metric = encoder.encode_descriptor(
+                    name,
+                    help,
+                    Some(&Unit::Bytes),
+                    gauge.metric_type(),
+                )?;
+                gauge.encode(metric)?;
+            }
         }
         let start = ConstGauge::new(self.start_time as i64);
         let metric = encoder.encode_descriptor(

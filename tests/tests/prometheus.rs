@@ -500,11 +500,31 @@ async fn prometheus_scrapes_two_nodes() -> Result<()> {
         let fds = prom.value(&q("process_open_fds")).await?;
         assert!(rss > 1e6, "{name} resident memory {rss}");
         assert!(fds > 0.0, "{name} open fds {fds}");
+        // The split of resident memory and the allocator's own figures, which tell
+        // a leak from memory the allocator keeps (README, Soak).
+        let anon = prom.value(&q("servant_resident_anon_memory_bytes")).await?;
+        assert!(
+            anon > 0.0 && anon < rss,
+            "{name} anonymous resident {anon} of {rss}"
+        );
+        let heap = prom.value(&q("servant_heap_in_use_bytes")).await?;
+        let free = prom.value(&q("servant_heap_free_bytes")).await?;
+        let mapped = prom.value(&q("servant_heap_mapped_bytes")).await?;
+        assert!(heap > 0.0, "{name} heap in use {heap}");
+        assert!(
+            free >= 0.0 && mapped >= 0.0,
+            "{name} heap free {free}, mapped {mapped}"
+        );
         println!(
             "checked: {name}: connected_peers = {connected} (= /v1/status), \
              routing_table_peers = {routing}, bootstrapped = {bootstrapped}, ready = {ready}, \
-             build_info{{version=\"{version}\"}} = 1, rss = {:.1} MB, open fds = {fds}",
-            rss / 1e6
+             build_info{{version=\"{version}\"}} = 1, rss = {:.1} MB (anon {:.1} MB), open fds \
+             = {fds}, heap in use {:.1} MB, free {:.1} MB, mapped {:.1} MB",
+            rss / 1e6,
+            anon / 1e6,
+            heap / 1e6,
+            free / 1e6,
+            mapped / 1e6
         );
     }
 

@@ -12,7 +12,7 @@
 //! nodes get `--settle` to come back to their baseline.
 //!
 //! ```text
-//! servant-bench soak --duration 5m --churn-multiplier 10 --check   # CI
+//! servant-bench soak --warmup 7m --duration 5m --churn-multiplier 10 --check   # CI
 //! servant-bench soak --duration 6h --out target/bench/soak-6h.json # hours
 //! ```
 
@@ -69,9 +69,16 @@ const FILE_BYTES: usize = 64 * 1024;
 /// The parameters of one soak.
 #[derive(Debug, Clone, Serialize, clap::Args)]
 pub struct SoakParams {
-    /// How long load and churn run: `5m` for CI, `6h` for a long soak.
+    /// How long load and churn run and are measured: `5m` for CI, `6h` for a long
+    /// soak.
     #[arg(long, default_value = "5m")]
     pub duration: HumanDuration,
+    /// Load and churn before `--duration`, sampled but left out of the memory
+    /// criteria: the time for windowed caches (the broadcast seen-cache keeps 5.5
+    /// minutes), hash tables and allocator pools to reach their working size.
+    #[arg(long, default_value = "0s")]
+    #[serde(default)]
+    pub warmup: HumanDuration,
     /// Churn this many times as often as `--churn-interval` says (CI uses 10).
     #[arg(long, default_value_t = 1.0)]
     pub churn_multiplier: f64,
@@ -120,12 +127,19 @@ pub struct SoakParams {
 pub struct Sample {
     /// The node.
     pub node: String,
-    /// `baseline`, `load` or `settle`.
+    /// `baseline`, `warmup`, `load` or `settle`.
     pub phase: &'static str,
     /// Seconds since the load began (negative for the baseline).
     pub t_secs: f64,
     /// `process_resident_memory_bytes`.
     pub rss_bytes: f64,
+    /// `servant_resident_anon_memory_bytes`: resident memory backed by no file.
+    pub anon_bytes: f64,
+    /// `servant_heap_in_use_bytes`: bytes live in the allocator's heaps (0 where the
+    /// node's allocator does not say).
+    pub heap_in_use_bytes: f64,
+    /// `servant_heap_free_bytes` (0 where the node's allocator does not say).
+    pub heap_free_bytes: f64,
     /// `process_open_fds`.
     pub open_fds: f64,
     /// `servant_tokio_alive_tasks`.
@@ -172,6 +186,14 @@ pub struct NodeFigures {
     pub rss_growth_pct: Option<f64>,
     /// Peak resident memory seen.
     pub rss_max_bytes: f64,
+    /// Least-squares slope, over the same window, of the bytes the allocator has
+    /// handed out: what the node holds. Not a criterion; with the next one it says
+    /// whether a rise in resident memory is data or fragmentation.
+    pub heap_in_use_slope_mib_per_10_min: Option<f64>,
+    /// The same slope of anonymous resident memory.
+    pub anon_slope_mib_per_10_min: Option<f64>,
+    /// The same slope of freed bytes the allocator keeps in its heaps.
+    pub heap_free_slope_mib_per_10_min: Option<f64>,
     /// The largest `fds - (1.1 x connections + 32)` of any sample (<= 0 passes).
     pub worst_fd_excess: f64,
     /// Most open descriptors seen.
@@ -315,7 +337,8 @@ pub const METHOD: &[&str] = &[
      so an idle harness connection never counts as a node's descriptor or task.",
     "Memory: per measured node, the least-squares slope of process_resident_memory_bytes over \
      the samples of the last 80% of the load; growth = median of the last tenth of those \
-     samples over the median of the first tenth, minus 1.",
+     samples over the median of the first tenth, minus 1. With --warmup, load and churn run \
+     that long first; its samples count for every criterion but memory.",
     "Descriptors: every sample must have process_open_fds <= 1.1 x servant_connections + 32.",
     "After the load: the load stops, every churning node leaves by SIGTERM, and the measured \
      nodes are scraped every 2 s for up to --settle until, over the last 5 scrapes, every one \
@@ -453,8 +476,17 @@ pub async fn run(params: &SoakParams, out: &Path) -> Result<SoakReport> {
     samples.extend(rounds.into_iter().flatten());
 
     // Load and churn.
+    let warmup = params.warmup.get();
     let duration = params.duration.get();
-    eprintln!("[soak] load and churn for {}", params.duration);
+    if warmup.is_zero() {
+        eprintln!("[soak] load and churn for {}", params.duration);
+    } else {
+        eprintln!(
+            "[soak] load and churn for {}, the first {} a warm-up",
+            HumanDuration(warmup + duration),
+            params.warmup
+        );
+    }
     let running = Arc::new(Mutex::new(Vec::<Api>::new()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let churn_task = tokio::spawn(churn(
@@ -477,11 +509,14 @@ pub async fn run(params: &SoakParams, out: &Path) -> Result<SoakReport> {
     let mut tick = tokio::time::interval(params.sample_interval.get());
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_report = Instant::now();
-    while started.elapsed() < duration {
+    while started.elapsed() < warmup + duration {
         tick.tick().await;
-        let t = started.elapsed().as_secs_f64();
+        // Warm-up samples count from its start, negative, so the load's clock
+        // starts at 0 either way.
+        let t = started.elapsed().as_secs_f64() - warmup.as_secs_f64();
+        let phase = if t < 0.0 { "warmup" } else { "load" };
         for (n, node) in measured.iter().enumerate() {
-            match node.scrape("load", t).await {
+            match node.scrape(phase, t).await {
                 Ok(sample) => samples.push(sample),
                 Err(e) => {
                     failures[n] += 1;
@@ -500,7 +535,7 @@ pub async fn run(params: &SoakParams, out: &Path) -> Result<SoakReport> {
             eprintln!("[soak] t={t:.0}s {}", rss.join(", "));
         }
     }
-    let load_secs = started.elapsed().as_secs_f64();
+    let load_secs = started.elapsed().as_secs_f64() - warmup.as_secs_f64();
     let _ = stop_tx.send(true);
     let load = match load_task.await {
         Ok(()) => load.counts(),
@@ -799,6 +834,9 @@ impl Proc {
             phase,
             t_secs,
             rss_bytes: value("process_resident_memory_bytes"),
+            anon_bytes: value("servant_resident_anon_memory_bytes"),
+            heap_in_use_bytes: value("servant_heap_in_use_bytes"),
+            heap_free_bytes: value("servant_heap_free_bytes"),
             open_fds: value("process_open_fds"),
             tasks: value("servant_tokio_alive_tasks"),
             connections: value("servant_connections"),
@@ -1132,11 +1170,16 @@ fn figures(
     alive_at_end: bool,
     exit: String,
 ) -> NodeFigures {
-    let window: Vec<(f64, f64)> = samples
-        .iter()
-        .filter(|s| s.phase == "load" && s.t_secs >= 0.2 * load_secs)
-        .map(|s| (s.t_secs, s.rss_bytes))
-        .collect();
+    let in_window = |s: &&&Sample| s.phase == "load" && s.t_secs >= 0.2 * load_secs;
+    let window_of = |f: fn(&Sample) -> f64| -> Vec<(f64, f64)> {
+        samples
+            .iter()
+            .filter(in_window)
+            .map(|s| (s.t_secs, f(s)))
+            .collect()
+    };
+    let mib_per_10_min = |w: &[(f64, f64)]| slope(w).map(|b| b * 600.0 / (1024.0 * 1024.0));
+    let window = window_of(|s| s.rss_bytes);
     let tenth = (window.len() / 10).max(3).min(window.len());
     let start = median(window[..tenth].iter().map(|p| p.1).collect());
     let end = median(window[window.len() - tenth..].iter().map(|p| p.1).collect());
@@ -1162,9 +1205,12 @@ fn figures(
         final_tasks,
         rss_window_start_bytes: start,
         rss_window_end_bytes: end,
-        rss_slope_mib_per_10_min: slope(&window).map(|b| b * 600.0 / (1024.0 * 1024.0)),
+        rss_slope_mib_per_10_min: mib_per_10_min(&window),
         rss_growth_pct: (start > 0.0).then(|| (end / start - 1.0) * 100.0),
         rss_max_bytes: max(|s| s.rss_bytes),
+        heap_in_use_slope_mib_per_10_min: mib_per_10_min(&window_of(|s| s.heap_in_use_bytes)),
+        anon_slope_mib_per_10_min: mib_per_10_min(&window_of(|s| s.anon_bytes)),
+        heap_free_slope_mib_per_10_min: mib_per_10_min(&window_of(|s| s.heap_free_bytes)),
         worst_fd_excess,
         max_fds: max(|s| s.open_fds),
         max_connections: max(|s| s.connections),
@@ -1291,10 +1337,15 @@ pub fn table(r: &SoakReport) -> String {
     let p = &r.params;
     let _ = writeln!(
         out,
-        "soak: {} load and churn ({:.0} s run), bootnode + {} stable nodes measured, {} churning \
+        "soak: {} load and churn ({:.0} s run{}), bootnode + {} stable nodes measured, {} churning \
          (one event per {:.1} s, {}x), {} broadcasts/s, a file round per {}",
         p.duration,
         r.load_secs,
+        if p.warmup.get().is_zero() {
+            String::new()
+        } else {
+            format!(" after a {} warm-up", p.warmup)
+        },
         p.stable,
         p.churning,
         p.churn_interval.get().as_secs_f64() / p.churn_multiplier,
@@ -1340,11 +1391,13 @@ pub fn table(r: &SoakReport) -> String {
         "RSS MB base/start/end",
         "slope MiB/10min",
         "growth %",
+        "anon slope",
+        "heap slope in use/free",
         "fds base/final/max",
         "tasks base/final/max",
         "streams base/final/max",
     ];
-    let mut lines: Vec<[String; 7]> = vec![header.map(String::from)];
+    let mut lines: Vec<[String; 9]> = vec![header.map(String::from)];
     for n in &r.nodes {
         lines.push([
             n.node.clone(),
@@ -1357,6 +1410,15 @@ pub fn table(r: &SoakReport) -> String {
             n.rss_slope_mib_per_10_min
                 .map_or("-".into(), |s| format!("{s:.3}")),
             n.rss_growth_pct.map_or("-".into(), |g| format!("{g:.2}")),
+            n.anon_slope_mib_per_10_min
+                .map_or("-".into(), |s| format!("{s:.3}")),
+            format!(
+                "{}/{}",
+                n.heap_in_use_slope_mib_per_10_min
+                    .map_or("-".into(), |s| format!("{s:.3}")),
+                n.heap_free_slope_mib_per_10_min
+                    .map_or("-".into(), |s| format!("{s:.3}"))
+            ),
             format!("{}/{}/{}", n.baseline_fds, n.final_fds, n.max_fds),
             format!("{}/{}/{}", n.baseline_tasks, n.final_tasks, n.max_tasks),
             format!(
@@ -1463,6 +1525,9 @@ mod tests {
             rss_slope_mib_per_10_min: slope,
             rss_growth_pct: Some(0.0),
             rss_max_bytes: 1e7,
+            heap_in_use_slope_mib_per_10_min: None,
+            anon_slope_mib_per_10_min: None,
+            heap_free_slope_mib_per_10_min: None,
             worst_fd_excess: -10.0,
             max_fds: 30.0,
             max_connections: 5.0,
