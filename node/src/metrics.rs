@@ -615,9 +615,9 @@ pub fn resident_memory_bytes() -> Option<u64> {
 pub struct Resident {
     /// Every resident page.
     pub total: u64,
-    /// Pages backed by no file: heaps, stacks, anonymous maps. The rest are pages of
-    /// the executable and libraries, read in the first time a code path runs; they
-    /// are bounded by those files' size and the kernel can drop them at any time.
+    /// Pages backed by no file: heaps, stacks, anonymous maps. The rest are shared
+    /// pages, here those of the executable and libraries, read in the first time a
+    /// code path runs: bounded by those files' size, and the kernel can drop them.
     pub anon: u64,
 }
 
@@ -629,10 +629,10 @@ pub fn resident_memory() -> Option<Resident> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let mut fields = statm.split_whitespace().skip(1);
     let resident: u64 = fields.next()?.parse().ok()?;
-    let file_backed: u64 = fields.next()?.parse().ok()?;
+    let shared: u64 = fields.next()?.parse().ok()?;
     Some(Resident {
         total: resident * page,
-        anon: resident.saturating_sub(file_backed) * page,
+        anon: resident.saturating_sub(shared) * page,
     })
 }
 

@@ -12,7 +12,7 @@
 //! nodes get `--settle` to come back to their baseline.
 //!
 //! ```text
-//! servant-bench soak --warmup 7m --duration 5m --churn-multiplier 10 --check   # CI
+//! servant-bench soak --duration 5m --churn-multiplier 10 --check   # CI
 //! servant-bench soak --duration 6h --out target/bench/soak-6h.json # hours
 //! ```
 
@@ -129,17 +129,20 @@ pub struct Sample {
     pub node: String,
     /// `baseline`, `warmup`, `load` or `settle`.
     pub phase: &'static str,
-    /// Seconds since the load began (negative for the baseline).
+    /// Seconds since the measured load began: negative in the warm-up, and before it
+    /// in the baseline (one second before the load or the warm-up started).
     pub t_secs: f64,
     /// `process_resident_memory_bytes`.
     pub rss_bytes: f64,
     /// `servant_resident_anon_memory_bytes`: resident memory backed by no file.
     pub anon_bytes: f64,
-    /// `servant_heap_in_use_bytes`: bytes live in the allocator's heaps (0 where the
-    /// node's allocator does not say).
-    pub heap_in_use_bytes: f64,
-    /// `servant_heap_free_bytes` (0 where the node's allocator does not say).
-    pub heap_free_bytes: f64,
+    /// `servant_heap_in_use_bytes`: bytes live in the allocator's heaps (`None` where
+    /// the node's allocator does not say).
+    pub heap_in_use_bytes: Option<f64>,
+    /// `servant_heap_mapped_bytes`: large blocks, each mapped on its own.
+    pub heap_mapped_bytes: Option<f64>,
+    /// `servant_heap_free_bytes`: freed bytes the allocator keeps.
+    pub heap_free_bytes: Option<f64>,
     /// `process_open_fds`.
     pub open_fds: f64,
     /// `servant_tokio_alive_tasks`.
@@ -190,6 +193,8 @@ pub struct NodeFigures {
     /// handed out: what the node holds. Not a criterion; with the next one it says
     /// whether a rise in resident memory is data or fragmentation.
     pub heap_in_use_slope_mib_per_10_min: Option<f64>,
+    /// The same slope of the large blocks the allocator mapped one by one.
+    pub heap_mapped_slope_mib_per_10_min: Option<f64>,
     /// The same slope of anonymous resident memory.
     pub anon_slope_mib_per_10_min: Option<f64>,
     /// The same slope of freed bytes the allocator keeps in its heaps.
@@ -298,7 +303,7 @@ pub struct SoakReport {
     pub all_criteria_met: bool,
     /// Whether every criterion not named by `--known-failing` was met.
     pub asserted_criteria_met: bool,
-    /// Seconds of load and churn actually run.
+    /// Seconds of measured load and churn actually run (the warm-up not included).
     pub load_secs: f64,
     /// Seconds the measured nodes took to come back to baseline, if they did.
     pub settled_after_secs: Option<f64>,
@@ -444,7 +449,8 @@ pub async fn run(params: &SoakParams, out: &Path) -> Result<SoakReport> {
     let steady_deadline = Instant::now() + Duration::from_secs(90);
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        rounds.push(scrape_all(&measured, "baseline", -1.0).await?);
+        let t = -(params.warmup.get().as_secs_f64() + 1.0);
+        rounds.push(scrape_all(&measured, "baseline", t).await?);
         if rounds.len() > FLOOR_WINDOW {
             rounds.remove(0);
         }
@@ -556,7 +562,7 @@ pub async fn run(params: &SoakParams, out: &Path) -> Result<SoakReport> {
     let mut last = Vec::new();
     while settle_started.elapsed() < params.settle.get() {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let t = started.elapsed().as_secs_f64();
+        let t = started.elapsed().as_secs_f64() - warmup.as_secs_f64();
         let Ok(round) = scrape_all(&measured, "settle", t).await else {
             continue;
         };
@@ -826,6 +832,8 @@ impl Proc {
             .await
             .context("timed out")??;
         let value = |name: &str| openmetrics::sum(&text, name);
+        // Read as absent, not 0, where the node's allocator gives no figures.
+        let optional = |name: &str| text.contains(name).then(|| value(name));
         if !text.contains("process_resident_memory_bytes") {
             bail!("no process_resident_memory_bytes in /metrics");
         }
@@ -835,8 +843,9 @@ impl Proc {
             t_secs,
             rss_bytes: value("process_resident_memory_bytes"),
             anon_bytes: value("servant_resident_anon_memory_bytes"),
-            heap_in_use_bytes: value("servant_heap_in_use_bytes"),
-            heap_free_bytes: value("servant_heap_free_bytes"),
+            heap_in_use_bytes: optional("servant_heap_in_use_bytes"),
+            heap_mapped_bytes: optional("servant_heap_mapped_bytes"),
+            heap_free_bytes: optional("servant_heap_free_bytes"),
             open_fds: value("process_open_fds"),
             tasks: value("servant_tokio_alive_tasks"),
             connections: value("servant_connections"),
@@ -1171,15 +1180,15 @@ fn figures(
     exit: String,
 ) -> NodeFigures {
     let in_window = |s: &&&Sample| s.phase == "load" && s.t_secs >= 0.2 * load_secs;
-    let window_of = |f: fn(&Sample) -> f64| -> Vec<(f64, f64)> {
+    let window_of = |f: fn(&Sample) -> Option<f64>| -> Vec<(f64, f64)> {
         samples
             .iter()
             .filter(in_window)
-            .map(|s| (s.t_secs, f(s)))
+            .filter_map(|s| Some((s.t_secs, f(s)?)))
             .collect()
     };
     let mib_per_10_min = |w: &[(f64, f64)]| slope(w).map(|b| b * 600.0 / (1024.0 * 1024.0));
-    let window = window_of(|s| s.rss_bytes);
+    let window = window_of(|s| Some(s.rss_bytes));
     let tenth = (window.len() / 10).max(3).min(window.len());
     let start = median(window[..tenth].iter().map(|p| p.1).collect());
     let end = median(window[window.len() - tenth..].iter().map(|p| p.1).collect());
@@ -1209,7 +1218,8 @@ fn figures(
         rss_growth_pct: (start > 0.0).then(|| (end / start - 1.0) * 100.0),
         rss_max_bytes: max(|s| s.rss_bytes),
         heap_in_use_slope_mib_per_10_min: mib_per_10_min(&window_of(|s| s.heap_in_use_bytes)),
-        anon_slope_mib_per_10_min: mib_per_10_min(&window_of(|s| s.anon_bytes)),
+        heap_mapped_slope_mib_per_10_min: mib_per_10_min(&window_of(|s| s.heap_mapped_bytes)),
+        anon_slope_mib_per_10_min: mib_per_10_min(&window_of(|s| Some(s.anon_bytes))),
         heap_free_slope_mib_per_10_min: mib_per_10_min(&window_of(|s| s.heap_free_bytes)),
         worst_fd_excess,
         max_fds: max(|s| s.open_fds),
@@ -1392,7 +1402,7 @@ pub fn table(r: &SoakReport) -> String {
         "slope MiB/10min",
         "growth %",
         "anon slope",
-        "heap slope in use/free",
+        "heap slope in use/mapped/free",
         "fds base/final/max",
         "tasks base/final/max",
         "streams base/final/max",
@@ -1412,13 +1422,13 @@ pub fn table(r: &SoakReport) -> String {
             n.rss_growth_pct.map_or("-".into(), |g| format!("{g:.2}")),
             n.anon_slope_mib_per_10_min
                 .map_or("-".into(), |s| format!("{s:.3}")),
-            format!(
-                "{}/{}",
-                n.heap_in_use_slope_mib_per_10_min
-                    .map_or("-".into(), |s| format!("{s:.3}")),
-                n.heap_free_slope_mib_per_10_min
-                    .map_or("-".into(), |s| format!("{s:.3}"))
-            ),
+            [
+                n.heap_in_use_slope_mib_per_10_min,
+                n.heap_mapped_slope_mib_per_10_min,
+                n.heap_free_slope_mib_per_10_min,
+            ]
+            .map(|s| s.map_or("-".into(), |s| format!("{s:.3}")))
+            .join("/"),
             format!("{}/{}/{}", n.baseline_fds, n.final_fds, n.max_fds),
             format!("{}/{}/{}", n.baseline_tasks, n.final_tasks, n.max_tasks),
             format!(
@@ -1526,6 +1536,7 @@ mod tests {
             rss_growth_pct: Some(0.0),
             rss_max_bytes: 1e7,
             heap_in_use_slope_mib_per_10_min: None,
+            heap_mapped_slope_mib_per_10_min: None,
             anon_slope_mib_per_10_min: None,
             heap_free_slope_mib_per_10_min: None,
             worst_fd_excess: -10.0,
