@@ -643,28 +643,43 @@ pub fn open_fds() -> Option<u64> {
 
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // Memory figures, all gauges in bytes: resident memory (all of it and the
+        // anonymous part) and, where the allocator is glibc's, what its heaps hold.
+        let mut bytes: Vec<(&str, &str, u64)> = Vec::with_capacity(5);
         if let Some(rss) = resident_memory() {
-            for (name, help, bytes) in [
-                (
-                    "process_resident_memory",
-                    "Resident memory of the node process",
-                    rss.total,
-                ),
-                (
-                    "servant_resident_anon_memory",
-                    "Resident memory of the node process backed by no file (heaps, stacks)",
-                    rss.anon,
-                ),
-            ] {
-                let gauge = ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX));
-                let metric = encoder.encode_descriptor(
-                    name,
-                    help,
-                    Some(&Unit::Bytes),
-                    gauge.metric_type(),
-                )?;
-                gauge.encode(metric)?;
-            }
+            bytes.push((
+                "process_resident_memory",
+                "Resident memory of the node process",
+                rss.total,
+            ));
+            bytes.push((
+                "servant_resident_anon_memory",
+                "Resident memory of the node process backed by no file (heaps, stacks)",
+                rss.anon,
+            ));
+        }
+        if let Some(heap) = crate::allocator::heap() {
+            bytes.push((
+                "servant_heap_in_use",
+                "Bytes the allocator has handed out from its heaps and not had back",
+                heap.in_use,
+            ));
+            bytes.push((
+                "servant_heap_mapped",
+                "Bytes of large blocks the allocator mapped one by one (resident once written)",
+                heap.mapped,
+            ));
+            bytes.push((
+                "servant_heap_free",
+                "Freed bytes the allocator keeps in its heaps instead of returning them",
+                heap.free,
+            ));
+        }
+        for (name, help, value) in bytes {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            let metric =
+                encoder.encode_descriptor(name, help, Some(&Unit::Bytes), gauge.metric_type())?;
+            gauge.encode(metric)?;
         }
         if let Some(fds) = open_fds() {
             let gauge = ConstGauge::new(fds as i64);
@@ -675,34 +690,6 @@ impl Collector for ProcessCollector {
                 gauge.metric_type(),
             )?;
             gauge.encode(metric)?;
-        }
-        if let Some(heap) = crate::allocator::heap() {
-            for (name, help, bytes) in [
-                (
-                    "servant_heap_in_use",
-                    "Bytes the allocator has handed out from its heaps and not had back",
-                    heap.in_use,
-                ),
-                (
-                    "servant_heap_mapped",
-                    "Bytes of large blocks the allocator mapped one by one (resident once written)",
-                    heap.mapped,
-                ),
-                (
-                    "servant_heap_free",
-                    "Freed bytes the allocator keeps in its heaps instead of returning them",
-                    heap.free,
-                ),
-            ] {
-                let gauge = ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX));
-                let metric = encoder.encode_descriptor(
-                    name,
-                    help,
-                    Some(&Unit::Bytes),
-                    gauge.metric_type(),
-                )?;
-                gauge.encode(metric)?;
-            }
         }
         let start = ConstGauge::new(self.start_time as i64);
         let metric = encoder.encode_descriptor(
