@@ -199,6 +199,10 @@ pub struct NodeFigures {
     pub anon_slope_mib_per_10_min: Option<f64>,
     /// The same slope of freed bytes the allocator keeps in its heaps.
     pub heap_free_slope_mib_per_10_min: Option<f64>,
+    /// The slope of resident memory window by window, over the warm-up and the load:
+    /// whether a rise levels off (caches filling) or keeps its pace (a leak). Not a
+    /// criterion.
+    pub rss_slopes_by_window: Vec<WindowSlope>,
     /// The largest `fds - (1.1 x connections + 32)` of any sample (<= 0 passes).
     pub worst_fd_excess: f64,
     /// Most open descriptors seen.
@@ -225,6 +229,57 @@ pub struct NodeFigures {
     pub alive_at_end: bool,
     /// How it exited on SIGTERM at the very end.
     pub exit: String,
+}
+
+/// The resident memory slope over one stretch of the warm-up and load.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WindowSlope {
+    /// Start, in seconds since the measured load began (negative in the warm-up).
+    pub from_secs: f64,
+    /// End (exclusive).
+    pub to_secs: f64,
+    /// Least-squares slope in MiB per 10 minutes; none with fewer than 3 samples.
+    pub mib_per_10_min: Option<f64>,
+}
+
+/// Length of the windows of [`window_slopes`] once warm-up and load last three of
+/// them; shorter runs are cut in [`SHORT_RUN_WINDOWS`] instead.
+const SLOPE_WINDOW: Duration = Duration::from_secs(600);
+/// Windows of a run shorter than three [`SLOPE_WINDOW`]s.
+const SHORT_RUN_WINDOWS: u32 = 4;
+
+/// Resident memory's slope window by window, from `from` to `to` seconds: 10-minute
+/// windows for runs of 30 minutes and more (the last may be shorter), quarters for
+/// shorter ones.
+fn window_slopes(points: &[(f64, f64)], from: f64, to: f64) -> Vec<WindowSlope> {
+    let span = to - from;
+    if span.is_nan() || span <= 0.0 {
+        return Vec::new();
+    }
+    let long = SLOPE_WINDOW.as_secs_f64();
+    let width = if span >= 3.0 * long {
+        long
+    } else {
+        span / f64::from(SHORT_RUN_WINDOWS)
+    };
+    let mut windows = Vec::new();
+    let mut start = from;
+    // Float steps can leave a sliver at the end; under a second it is no window.
+    while to - start > 1.0 {
+        let end = (start + width).min(to);
+        let inside: Vec<(f64, f64)> = points
+            .iter()
+            .filter(|p| p.0 >= start && p.0 < end)
+            .copied()
+            .collect();
+        windows.push(WindowSlope {
+            from_secs: start,
+            to_secs: end,
+            mib_per_10_min: slope(&inside).map(|b| b * 600.0 / (1024.0 * 1024.0)),
+        });
+        start = end;
+    }
+    windows
 }
 
 /// Broadcasts, shares, searches and fetches made.
@@ -619,7 +674,7 @@ pub async fn run(params: &SoakParams, out: &Path) -> Result<SoakReport> {
                     .rev()
                     .find(|s| s.node == node.name)
                     .map_or(0.0, |s| s.panics),
-                load_secs,
+                (warmup.as_secs_f64(), load_secs),
                 failures[n],
                 alive[n],
                 exits[n].clone(),
@@ -1174,7 +1229,7 @@ fn figures(
     (baseline_fds, baseline_tasks, baseline_rss): (f64, f64, f64),
     (final_fds, final_tasks): (f64, f64),
     panics: f64,
-    load_secs: f64,
+    (warmup_secs, load_secs): (f64, f64),
     scrape_failures: u64,
     alive_at_end: bool,
     exit: String,
@@ -1189,6 +1244,11 @@ fn figures(
     };
     let mib_per_10_min = |w: &[(f64, f64)]| slope(w).map(|b| b * 600.0 / (1024.0 * 1024.0));
     let window = window_of(|s| Some(s.rss_bytes));
+    let loaded: Vec<(f64, f64)> = samples
+        .iter()
+        .filter(|s| s.phase == "warmup" || s.phase == "load")
+        .map(|s| (s.t_secs, s.rss_bytes))
+        .collect();
     let tenth = (window.len() / 10).max(3).min(window.len());
     let start = median(window[..tenth].iter().map(|p| p.1).collect());
     let end = median(window[window.len() - tenth..].iter().map(|p| p.1).collect());
@@ -1221,6 +1281,7 @@ fn figures(
         heap_mapped_slope_mib_per_10_min: mib_per_10_min(&window_of(|s| s.heap_mapped_bytes)),
         anon_slope_mib_per_10_min: mib_per_10_min(&window_of(|s| Some(s.anon_bytes))),
         heap_free_slope_mib_per_10_min: mib_per_10_min(&window_of(|s| s.heap_free_bytes)),
+        rss_slopes_by_window: window_slopes(&loaded, -warmup_secs, load_secs),
         worst_fd_excess,
         max_fds: max(|s| s.open_fds),
         max_connections: max(|s| s.connections),
@@ -1460,6 +1521,25 @@ pub fn table(r: &SoakReport) -> String {
             by_protocol(&n.streams_at_end)
         );
     }
+    let _ = writeln!(
+        out,
+        "\nRSS slope window by window (MiB/10 min; seconds since the measured load began):"
+    );
+    for n in &r.nodes {
+        let windows: Vec<String> = n
+            .rss_slopes_by_window
+            .iter()
+            .map(|w| {
+                format!(
+                    "[{:.0}, {:.0}) {}",
+                    w.from_secs,
+                    w.to_secs,
+                    w.mib_per_10_min.map_or("-".into(), |s| format!("{s:.2}"))
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "  {}: {}", n.node, windows.join(", "));
+    }
     let _ = writeln!(out);
     let header = ["criterion", "measured", "node", "", "target", "result"];
     let mut lines: Vec<[String; 6]> = vec![header.map(String::from)];
@@ -1516,6 +1596,37 @@ mod tests {
     }
 
     #[test]
+    fn window_slopes_show_a_rise_levelling_off() {
+        const MIB: f64 = 1024.0 * 1024.0;
+        // 40 minutes sampled every 5 s: 2 MiB per 10 min for the first 10 minutes,
+        // flat after.
+        let points: Vec<(f64, f64)> = (0..480)
+            .map(|i| {
+                let t = i as f64 * 5.0;
+                (t, 3e7 + 2.0 * MIB * t.min(600.0) / 600.0)
+            })
+            .collect();
+        let windows = window_slopes(&points, 0.0, 2400.0);
+        assert_eq!(windows.len(), 4);
+        let first = windows[0].mib_per_10_min.unwrap_or(0.0);
+        assert!((first - 2.0).abs() < 0.05, "{first}");
+        for w in &windows[1..] {
+            assert!(w.mib_per_10_min.unwrap_or(1.0).abs() < 0.01, "{w:?}");
+        }
+        // A 5-minute load after a 1-minute warm-up: quarters, the first in the warm-up.
+        let shifted: Vec<(f64, f64)> = points[..72].iter().map(|p| (p.0 - 60.0, p.1)).collect();
+        let short = window_slopes(&shifted, -60.0, 300.0);
+        assert_eq!(short.len(), 4);
+        assert_eq!((short[0].from_secs, short[0].to_secs), (-60.0, 30.0));
+        assert!(short.iter().all(|w| w.mib_per_10_min.is_some()));
+        // The last window of a long run takes what is left.
+        let odd = window_slopes(&points, 0.0, 2100.0);
+        assert_eq!(odd.len(), 4);
+        assert_eq!((odd[3].from_secs, odd[3].to_secs), (1800.0, 2100.0));
+        assert!(window_slopes(&points, 10.0, 10.0).is_empty());
+    }
+
+    #[test]
     fn median_of_odd_even_and_none() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
@@ -1539,6 +1650,7 @@ mod tests {
             heap_mapped_slope_mib_per_10_min: None,
             anon_slope_mib_per_10_min: None,
             heap_free_slope_mib_per_10_min: None,
+            rss_slopes_by_window: Vec::new(),
             worst_fd_excess: -10.0,
             max_fds: 30.0,
             max_connections: 5.0,
