@@ -10,9 +10,10 @@
 //! every 30 s), the worst node's was 0.74 with it and 0.63 without. Both gaps are
 //! inside the run-to-run noise.
 //!
-//! jemalloc in glibc's place was tried too (a throwaway build, side by side in the same
-//! soak): resident memory rose at least as fast and started about 1 MB higher, with its
-//! defaults and with freed pages returned at once. Its figures are in README.md (Soak).
+//! jemalloc in glibc's place was tried too (a throwaway build, side by side in a
+//! 5-minute soak): no better. Its worst node's slope was 3.06 MiB per 10 minutes against
+//! glibc's 1.93, and it started about 1 MB higher; returning freed pages at once did not
+//! change that. The figures are in README.md (Soak).
 
 /// Free memory a heap keeps at its top before giving it back to the system.
 ///

@@ -249,37 +249,38 @@ const SLOPE_WINDOW: Duration = Duration::from_secs(600);
 const SHORT_RUN_WINDOWS: u32 = 4;
 
 /// Resident memory's slope window by window, from `from` to `to` seconds: 10-minute
-/// windows for runs of 30 minutes and more (the last may be shorter), quarters for
-/// shorter ones.
+/// windows once the span lasts 30 minutes (a remainder under half a window joins the
+/// last one, a longer one is a window of its own), quarters for shorter spans. The
+/// last window includes `to`: the final scrape lands there or just before it.
 fn window_slopes(points: &[(f64, f64)], from: f64, to: f64) -> Vec<WindowSlope> {
     let span = to - from;
-    if span.is_nan() || span <= 0.0 {
+    if !span.is_finite() || span <= 0.0 {
         return Vec::new();
     }
     let long = SLOPE_WINDOW.as_secs_f64();
-    let width = if span >= 3.0 * long {
-        long
+    let (count, width) = if span >= 3.0 * long {
+        ((span / long).round() as usize, long)
     } else {
-        span / f64::from(SHORT_RUN_WINDOWS)
+        let n = SHORT_RUN_WINDOWS;
+        (n as usize, span / f64::from(n))
     };
-    let mut windows = Vec::new();
-    let mut start = from;
-    // Float steps can leave a sliver at the end; under a second it is no window.
-    while to - start > 1.0 {
-        let end = (start + width).min(to);
-        let inside: Vec<(f64, f64)> = points
-            .iter()
-            .filter(|p| p.0 >= start && p.0 < end)
-            .copied()
-            .collect();
-        windows.push(WindowSlope {
-            from_secs: start,
-            to_secs: end,
-            mib_per_10_min: slope(&inside).map(|b| b * 600.0 / (1024.0 * 1024.0)),
-        });
-        start = end;
-    }
-    windows
+    (0..count)
+        .map(|i| {
+            let start = from + i as f64 * width;
+            let last = i + 1 == count;
+            let end = if last { to } else { start + width };
+            let inside: Vec<(f64, f64)> = points
+                .iter()
+                .filter(|p| p.0 >= start && (p.0 < end || (last && p.0 <= end)))
+                .copied()
+                .collect();
+            WindowSlope {
+                from_secs: start,
+                to_secs: end,
+                mib_per_10_min: mib_per_10_min(&inside),
+            }
+        })
+        .collect()
 }
 
 /// Broadcasts, shares, searches and fetches made.
@@ -1222,6 +1223,11 @@ fn slope(points: &[(f64, f64)]) -> Option<f64> {
     (sxx > 0.0).then(|| sxy / sxx)
 }
 
+/// The least-squares slope of bytes over seconds, in MiB per 10 minutes.
+fn mib_per_10_min(points: &[(f64, f64)]) -> Option<f64> {
+    slope(points).map(|b| b * 600.0 / (1024.0 * 1024.0))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn figures(
     node: &Proc,
@@ -1242,7 +1248,6 @@ fn figures(
             .filter_map(|s| Some((s.t_secs, f(s)?)))
             .collect()
     };
-    let mib_per_10_min = |w: &[(f64, f64)]| slope(w).map(|b| b * 600.0 / (1024.0 * 1024.0));
     let window = window_of(|s| Some(s.rss_bytes));
     let loaded: Vec<(f64, f64)> = samples
         .iter()
@@ -1281,7 +1286,8 @@ fn figures(
         heap_mapped_slope_mib_per_10_min: mib_per_10_min(&window_of(|s| s.heap_mapped_bytes)),
         anon_slope_mib_per_10_min: mib_per_10_min(&window_of(|s| Some(s.anon_bytes))),
         heap_free_slope_mib_per_10_min: mib_per_10_min(&window_of(|s| s.heap_free_bytes)),
-        rss_slopes_by_window: window_slopes(&loaded, -warmup_secs, load_secs),
+        // `0.0 -` so that no warm-up starts at 0, not at -0.
+        rss_slopes_by_window: window_slopes(&loaded, 0.0 - warmup_secs, load_secs),
         worst_fd_excess,
         max_fds: max(|s| s.open_fds),
         max_connections: max(|s| s.connections),
@@ -1613,16 +1619,26 @@ mod tests {
         for w in &windows[1..] {
             assert!(w.mib_per_10_min.unwrap_or(1.0).abs() < 0.01, "{w:?}");
         }
-        // A 5-minute load after a 1-minute warm-up: quarters, the first in the warm-up.
+        // A 5-minute load after a 1-minute warm-up: quarters of the whole span.
         let shifted: Vec<(f64, f64)> = points[..72].iter().map(|p| (p.0 - 60.0, p.1)).collect();
         let short = window_slopes(&shifted, -60.0, 300.0);
         assert_eq!(short.len(), 4);
         assert_eq!((short[0].from_secs, short[0].to_secs), (-60.0, 30.0));
         assert!(short.iter().all(|w| w.mib_per_10_min.is_some()));
-        // The last window of a long run takes what is left.
+        // A remainder of half a window or more is a window of its own; a shorter
+        // one (a scrape's overrun) joins the last window.
         let odd = window_slopes(&points, 0.0, 2100.0);
         assert_eq!(odd.len(), 4);
         assert_eq!((odd[3].from_secs, odd[3].to_secs), (1800.0, 2100.0));
+        let overrun = window_slopes(&points, 0.0, 2403.0);
+        assert_eq!(overrun.len(), 4);
+        assert_eq!((overrun[3].from_secs, overrun[3].to_secs), (1800.0, 2403.0));
+        // The last window keeps a sample at its very end.
+        let tail = [(1800.0, 1.0), (2000.0, 2.0), (2400.0, 4.0)];
+        assert!(window_slopes(&tail, 0.0, 2400.0)[3]
+            .mib_per_10_min
+            .is_some());
+        assert!(window_slopes(&points, 0.0, f64::INFINITY).is_empty());
         assert!(window_slopes(&points, 10.0, 10.0).is_empty());
     }
 
