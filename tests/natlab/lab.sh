@@ -19,6 +19,8 @@
 #   lab.sh unforward LAB ROUTER PROTO PORT LAN_IP removes it
 #   lab.sh upnp LAB ROUTER                        runs miniupnpd (an IGD) on ROUTER, whose WAN_IP
 #                                                 must be in 11.0.0.0/24 (a global-looking prefix)
+#   lab.sh delay LAB ROUTER MS                    every packet ROUTER forwards, either way, waits
+#                                                 MS milliseconds (delay.py on an NFQUEUE: no netem)
 #   lab.sh exec LAB NAME CMD...                   runs CMD in namespace LAB-NAME (NAME "pub": the segment)
 #   lab.sh check LAB ROUTER PEER                  self-check: the router behaves as its TYPE says
 #   lab.sh status LAB                             what the lab holds
@@ -457,6 +459,34 @@ EOF
     echo "router $ns: miniupnpd on $lan for $NODE_LAN_NET, mapping on $wan $NODE_IP (log $log)"
 }
 
+# delay: latency without netem. The router queues every packet it forwards (both
+# directions, after DNAT and before SNAT) to NFQUEUE 0 of its namespace, and delay.py
+# there accepts each MS milliseconds later. No --queue-bypass: if delay.py dies the
+# router drops instead of silently forwarding without the delay.
+cmd_delay() {
+    [ $# -eq 3 ] || die "usage: lab.sh delay LAB ROUTER MS"
+    local lab=$1 router=$2 ms=$3 ns ipt log i
+    valid_lab "$lab"
+    require_up "$lab"
+    load_node "$lab" "$router"
+    [ "$NODE_KIND" = router ] || die "'$router' is not a router"
+    [[ $ms =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "MS '$ms': a number of milliseconds"
+    ns=$(nsname "$lab" "$router")
+    ipt=${NODE_IPT:-$(lab_iptables "$lab")}
+    ! ip netns exec "$ns" "$ipt" -w -t mangle -C FORWARD -j NFQUEUE --queue-num 0 2>/dev/null ||
+        die "router $router has a delay already"
+    log=$(state_dir "$lab")/delay-$router.log
+    setsid ip netns exec "$ns" "$NATLAB_PYTHON" "$HERE/delay.py" 0 "$ms" </dev/null >"$log" 2>&1 &
+    for i in $(seq 100); do
+        grep -q '^ready' "$log" 2>/dev/null && break
+        kill -0 $! 2>/dev/null || die "delay.py died: $(cat "$log")"
+        sleep 0.02
+    done
+    grep -q '^ready' "$log" || die "delay.py did not bind its queue: $(cat "$log")"
+    ip netns exec "$ns" "$ipt" -w -t mangle -A FORWARD -j NFQUEUE --queue-num 0
+    echo "router $ns: forwarded packets wait $ms ms (log $log)"
+}
+
 cmd_exec() {
     [ $# -ge 3 ] || die "usage: lab.sh exec LAB NAME CMD..."
     local lab=$1 name=$2 ns
@@ -644,12 +674,13 @@ main() {
     peer) cmd_peer "$@" ;;
     forward | unforward) cmd_forward "$cmd" "$@" ;;
     upnp) cmd_upnp "$@" ;;
+    delay) cmd_delay "$@" ;;
     exec) cmd_exec "$@" ;;
     status) cmd_status "$@" ;;
     check) cmd_check "$@" ;;
     down) cmd_down "$@" ;;
     -h | --help | help) main ;;
-    *) die "unknown command '$cmd' (up host router peer forward unforward upnp exec check status down)" ;;
+    *) die "unknown command '$cmd' (up host router peer forward unforward upnp delay exec check status down)" ;;
     esac
 }
 

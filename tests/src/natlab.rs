@@ -187,6 +187,12 @@ impl Lab {
             .map(drop)
     }
 
+    /// Makes router `router` hold every packet it forwards, either way, for `ms`
+    /// milliseconds (`lab.sh delay`: an NFQUEUE program, as this kernel has no netem).
+    pub fn delay(&self, router: &str, ms: f64) -> Result<()> {
+        self.sh(&["delay", router, &ms.to_string()]).map(drop)
+    }
+
     /// Starts `program args` in namespace `ns`; its output goes to `<dir>/<log>.log`.
     pub fn spawn(&mut self, ns: &str, log: &str, program: &Path, args: &[String]) -> Result<()> {
         let file = std::fs::File::create(self.dir.join(format!("{log}.log")))?;
@@ -238,6 +244,27 @@ impl Drop for Lab {
     }
 }
 
+/// Runs `make` on a thread that joined network namespace `ns`, and returns what it
+/// made: a socket made there stays in that namespace wherever it is used after.
+pub fn in_ns<T: Send + 'static>(
+    ns: &str,
+    make: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    use std::os::fd::AsRawFd;
+    let ns_path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || -> Result<T> {
+        let file = std::fs::File::open(&ns_path).with_context(|| format!("open {ns_path}"))?;
+        // SAFETY: setns only moves this short-lived thread into the namespace that the
+        // open descriptor names; sockets made here keep it after the thread ends.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {ns_path}: {}", std::io::Error::last_os_error());
+        }
+        make()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
+}
+
 /// Sends one HTTP/1.1 request to `127.0.0.1:port` inside network namespace `ns` and
 /// returns the response body (an error for a status other than 2xx). The socket is
 /// made by a thread that joins the namespace, so no process starts: a benchmark can
@@ -245,22 +272,11 @@ impl Drop for Lab {
 /// milliseconds it measures, on a machine whose two cores the lab's nodes share.
 pub fn http(ns: &str, port: u16, method: &str, path: &str, body: Option<&str>) -> Result<String> {
     use std::io::{Read, Write};
-    use std::os::fd::AsRawFd;
     let what = format!("{method} {path} in {ns}");
-    let ns_path = format!("/run/netns/{ns}");
-    let joined = std::thread::spawn(move || -> Result<std::net::TcpStream> {
-        let file = std::fs::File::open(&ns_path).with_context(|| format!("open {ns_path}"))?;
-        // SAFETY: setns only moves this short-lived thread into the namespace that the
-        // open descriptor names; the socket keeps that namespace after the thread ends.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {ns_path}: {}", std::io::Error::last_os_error());
-        }
+    let mut stream = in_ns(ns, move || {
         Ok(std::net::TcpStream::connect(("127.0.0.1", port))?)
-    });
-    let mut stream = joined
-        .join()
-        .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
-        .with_context(|| format!("{what}: connect"))?;
+    })
+    .with_context(|| format!("{what}: connect"))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let body = body.unwrap_or("");
     write!(

@@ -87,6 +87,61 @@ fn report(lab: &Lab, dir: tempfile::TempDir, result: &Result<()>, names: &[&str]
     }
 }
 
+/// `lab.sh delay` (the benchmark's `--delay-ms`): a router holds every packet it
+/// forwards, both ways, so a round trip through it takes twice the delay more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_router_holds_every_packet_both_ways() -> Result<()> {
+    let Some((dir, mut lab)) = lab_or_skip()? else {
+        return Ok(());
+    };
+    let result = delayed_router(&mut lab);
+    report(&lab, dir, &result, &[]);
+    result
+}
+
+fn delayed_router(lab: &mut Lab) -> Result<()> {
+    const DELAY_MS: f64 = 20.0;
+    let host = lab.host("echo", "198.18.0.10")?;
+    let peer = lab.natted_peer("ra", "pa", "198.18.0.21", 1, Nat::PortRestricted)?;
+    let server = natlab::in_ns(&host, || Ok(std::net::UdpSocket::bind("198.18.0.10:7")?))?;
+    // The echo ends (and its socket closes) once the test has stopped sending.
+    server.set_read_timeout(Some(Duration::from_secs(5)))?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            let _ = server.send_to(&buf[..n], from);
+        }
+    });
+    let client = natlab::in_ns(&peer, || Ok(std::net::UdpSocket::bind("0.0.0.0:0")?))?;
+    client.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let median_rtt_ms = |client: &std::net::UdpSocket| -> Result<f64> {
+        let mut rtts = Vec::new();
+        let mut buf = [0u8; 64];
+        for _ in 0..9 {
+            let sent = std::time::Instant::now();
+            client.send_to(b"ping", "198.18.0.10:7")?;
+            client.recv_from(&mut buf).context("no echo")?;
+            rtts.push(sent.elapsed().as_secs_f64() * 1000.0);
+        }
+        rtts.sort_by(f64::total_cmp);
+        Ok(rtts[rtts.len() / 2])
+    };
+    let before = median_rtt_ms(&client)?;
+    lab.delay("ra", DELAY_MS)?;
+    let after = median_rtt_ms(&client)?;
+    eprintln!(
+        "round trip through router ra: {before:.2} ms, {after:.2} ms with a {DELAY_MS} ms delay"
+    );
+    // Twice the delay, plus what the echo itself took before (and scheduling slack).
+    if after < 2.0 * DELAY_MS || after > 2.0 * DELAY_MS + before + 15.0 {
+        bail!("round trip {after:.2} ms with a {DELAY_MS} ms delay (was {before:.2} ms)");
+    }
+    if lab.delay("ra", DELAY_MS).is_ok() {
+        bail!("a second delay on the same router was accepted");
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_forward_turns_a_natted_peer_into_a_super_peer_and_back() -> Result<()> {
     let Some((dir, mut lab)) = lab_or_skip()? else {

@@ -39,6 +39,13 @@ pub struct NatParams {
     #[arg(long)]
     #[serde(default)]
     pub mixed: bool,
+    /// Milliseconds each NAT router holds every packet it forwards, either way
+    /// (`lab.sh delay`): peer to relay then takes 2 x this per round trip, peer to
+    /// peer 4 x. 0 (the default) leaves the lab at loopback speed, where CPU time
+    /// decides.
+    #[arg(long, default_value_t = 0.0)]
+    #[serde(default)]
+    pub delay_ms: f64,
 }
 
 /// One cell: a pairing, a transport, an implementation.
@@ -148,11 +155,15 @@ async fn read_when_ready(path: &Path, timeout: Duration) -> Result<String> {
     }
 }
 
-fn build_lab(dir: &Path, a: Nat, b: Nat) -> Result<(Lab, String, String, String)> {
+fn build_lab(dir: &Path, a: Nat, b: Nat, delay_ms: f64) -> Result<(Lab, String, String, String)> {
     let mut lab = Lab::new(dir)?;
     let relay = lab.host("relay", "198.18.0.10")?;
     let pa = lab.natted_peer("ra", "pa", "198.18.0.21", 1, a)?;
     let pb = lab.natted_peer("rb", "pb", "198.18.0.22", 2, b)?;
+    if delay_ms > 0.0 {
+        lab.delay("ra", delay_ms)?;
+        lab.delay("rb", delay_ms)?;
+    }
     Ok((lab, relay, pa, pb))
 }
 
@@ -288,8 +299,14 @@ fn servant_args(dir: &Path, name: &str, transport: &str, extra: &[&str]) -> Vec<
 }
 
 /// One trial of `mix` on a fresh lab.
-async fn trial(dir: &Path, transport: &str, a: Nat, b: Nat, mix: Mix) -> Result<Outcome> {
-    let (mut lab, relay, pa, pb) = build_lab(dir, a, b)?;
+async fn trial(
+    dir: &Path,
+    transport: &str,
+    (a, b): (Nat, Nat),
+    mix: Mix,
+    delay_ms: f64,
+) -> Result<Outcome> {
+    let (mut lab, relay, pa, pb) = build_lab(dir, a, b, delay_ms)?;
     let relay_full = start_relay(
         &mut lab,
         dir,
@@ -494,6 +511,12 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
     if let Err(e) = servant_tests::natlab::available() {
         bail!("the NAT lab cannot run here: {e}");
     }
+    if !(0.0..=10_000.0).contains(&params.delay_ms) {
+        bail!(
+            "--delay-ms {}: want 0 to 10000 milliseconds",
+            params.delay_ms
+        );
+    }
     let work = tempfile::tempdir()?;
     // SERVANT_BENCH_KEEP=1 keeps every trial's logs (and says where).
     let keep = std::env::var_os("SERVANT_BENCH_KEEP").is_some();
@@ -513,7 +536,7 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                         implementation.replace([' ', ','], "")
                     ));
                     std::fs::create_dir_all(&dir)?;
-                    let outcome = trial(&dir, transport, a, b, mix).await;
+                    let outcome = trial(&dir, transport, (a, b), mix, params.delay_ms).await;
                     let outcome = outcome.unwrap_or_else(|e| {
                         setup_failures += 1;
                         Outcome {
@@ -630,8 +653,13 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
         }
     }
     let mut table = format!(
-        "nat: {} trials per cell, fresh namespaces each; Servant forced to its roles; baseline: bare rust-libp2p relay, relay client, identify, ping and dcutr\n\n",
-        params.trials
+        "nat: {} trials per cell, fresh namespaces each; Servant forced to its roles; baseline: bare rust-libp2p relay, relay client, identify, ping and dcutr; {}\n\n",
+        params.trials,
+        if params.delay_ms > 0.0 {
+            format!("each router holds every packet {} ms", params.delay_ms)
+        } else {
+            "no added latency".to_string()
+        }
     );
     report::write_table(&mut table, &lines);
     if params.mixed {
