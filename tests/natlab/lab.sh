@@ -409,6 +409,8 @@ cmd_upnp() {
     [[ $NODE_IP == "$GLOBAL_PREFIX".* ]] ||
         die "router $router's WAN $NODE_IP is not global-looking: libp2p-upnp would refuse it (use $GLOBAL_PREFIX.0/24)"
     [ -z "$NODE_IPT" ] || die "router $router runs UPnP already"
+    # Its rules reload whole tables, the mangle table with a delay's NFQUEUE rule too.
+    [ ! -e "$(state_dir "$lab")/delay-$router.log" ] || die "router $router has a delay: run upnp first"
     command -v miniupnpd >/dev/null || [ -x /usr/sbin/miniupnpd ] ||
         die "miniupnpd not found (tests/setup/system.sh installs miniupnpd-iptables)"
     command -v "$legacy-restore" >/dev/null || die "$legacy-restore not found"
@@ -473,17 +475,25 @@ cmd_delay() {
     [[ $ms =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "MS '$ms': a number of milliseconds"
     ns=$(nsname "$lab" "$router")
     ipt=${NODE_IPT:-$(lab_iptables "$lab")}
-    ! ip netns exec "$ns" "$ipt" -w -t mangle -C FORWARD -j NFQUEUE --queue-num 0 2>/dev/null ||
-        die "router $router has a delay already"
     log=$(state_dir "$lab")/delay-$router.log
+    # The log doubles as the router's mark of a delay (`upnp` checks it too).
+    [ ! -e "$log" ] || die "router $router has a delay already"
     setsid ip netns exec "$ns" "$NATLAB_PYTHON" "$HERE/delay.py" 0 "$ms" </dev/null >"$log" 2>&1 &
-    for i in $(seq 100); do
+    local pid=$!
+    # On failure the shim goes and its log moves aside, so a retry starts clean.
+    failed() {
+        kill "$pid" 2>/dev/null || true
+        mv "$log" "$log.failed"
+        die "router $router: $1: $(cat "$log.failed")"
+    }
+    for i in $(seq 250); do
         grep -q '^ready' "$log" 2>/dev/null && break
-        kill -0 $! 2>/dev/null || die "delay.py died: $(cat "$log")"
+        kill -0 "$pid" 2>/dev/null || failed "delay.py died"
         sleep 0.02
     done
-    grep -q '^ready' "$log" || die "delay.py did not bind its queue: $(cat "$log")"
-    ip netns exec "$ns" "$ipt" -w -t mangle -A FORWARD -j NFQUEUE --queue-num 0
+    grep -q '^ready' "$log" || failed "delay.py did not bind its queue within 5 s"
+    ip netns exec "$ns" "$ipt" -w -t mangle -A FORWARD -j NFQUEUE --queue-num 0 ||
+        failed "cannot add the NFQUEUE rule"
     echo "router $ns: forwarded packets wait $ms ms (log $log)"
 }
 

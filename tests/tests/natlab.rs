@@ -132,8 +132,9 @@ fn delayed_router(lab: &mut Lab) -> Result<()> {
     eprintln!(
         "round trip through router ra: {before:.2} ms, {after:.2} ms with a {DELAY_MS} ms delay"
     );
-    // Twice the delay, plus what the echo itself took before (and scheduling slack).
-    if after < 2.0 * DELAY_MS || after > 2.0 * DELAY_MS + before + 15.0 {
+    // Twice the delay, and well under the four times of a packet held twice each way
+    // (scheduling on two shared cores takes some milliseconds of the rest).
+    if after < 2.0 * DELAY_MS || after > 3.0 * DELAY_MS + before {
         bail!("round trip {after:.2} ms with a {DELAY_MS} ms delay (was {before:.2} ms)");
     }
     if lab.delay("ra", DELAY_MS).is_ok() {
