@@ -1240,20 +1240,20 @@ fn figures(
     alive_at_end: bool,
     exit: String,
 ) -> NodeFigures {
-    let in_window = |s: &&&Sample| s.phase == "load" && s.t_secs >= 0.2 * load_secs;
-    let window_of = |f: fn(&Sample) -> Option<f64>| -> Vec<(f64, f64)> {
+    // (t, value) of the samples `keep` takes that have the figure.
+    let points = |keep: &dyn Fn(&Sample) -> bool, f: fn(&Sample) -> Option<f64>| {
         samples
             .iter()
-            .filter(in_window)
+            .filter(|s| keep(s))
             .filter_map(|s| Some((s.t_secs, f(s)?)))
-            .collect()
+            .collect::<Vec<(f64, f64)>>()
     };
+    let in_window = |s: &Sample| s.phase == "load" && s.t_secs >= 0.2 * load_secs;
+    let window_of = |f: fn(&Sample) -> Option<f64>| points(&in_window, f);
     let window = window_of(|s| Some(s.rss_bytes));
-    let loaded: Vec<(f64, f64)> = samples
-        .iter()
-        .filter(|s| s.phase == "warmup" || s.phase == "load")
-        .map(|s| (s.t_secs, s.rss_bytes))
-        .collect();
+    let loaded = points(&|s| s.phase == "warmup" || s.phase == "load", |s| {
+        Some(s.rss_bytes)
+    });
     let tenth = (window.len() / 10).max(3).min(window.len());
     let start = median(window[..tenth].iter().map(|p| p.1).collect());
     let end = median(window[window.len() - tenth..].iter().map(|p| p.1).collect());
