@@ -908,3 +908,49 @@ fn share_in(lab: &Lab, ns: &str, path: &Path) -> Result<String> {
         .context("share printed no id")?
         .to_string())
 }
+
+/// The NAT bench itself (`servant-bench nat`), two trials a cell so it stays quick:
+/// the turns, the calibration cell and the comparisons reach the report, and both
+/// implementations punch through a port-restricted pair. The figures are the
+/// bench's to measure (README, "NAT traversal"), not this test's.
+#[test]
+fn the_nat_bench_runs_its_cells_in_turns_and_compares_them() -> Result<()> {
+    if skip_unless(
+        natlab::available().is_ok(),
+        "the NAT lab (root, ip, iptables)",
+    ) {
+        return Ok(());
+    }
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nat-smoke.json");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_servant-bench"))
+        .args(["nat", "--trials", "2", "--transports", "tcp", "--calibrate"])
+        .args(["--pairings", "port-restricted/port-restricted", "--out"])
+        .arg(&out)
+        .status()
+        .context("run servant-bench nat")?;
+    assert!(status.success(), "servant-bench nat: {status}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&out)?)?;
+    let cells = report["cells"].as_array().context("no cells")?;
+    let names: Vec<&str> = cells
+        .iter()
+        .filter_map(|c| c["implementation"].as_str())
+        .collect();
+    assert_eq!(names, ["servant", "baseline", "baseline, again"]);
+    for c in cells {
+        println!(
+            "checked: {} went direct in {} of {} trials, median {} ms",
+            c["implementation"], c["successes"], c["trials"], c["median_ms"]
+        );
+        assert_eq!(c["successes"], 2, "{c}");
+    }
+    let compared: Vec<&str> = report["comparisons"]
+        .as_array()
+        .context("no comparisons")?
+        .iter()
+        .filter_map(|c| c["implementation"].as_str())
+        .collect();
+    assert_eq!(compared, ["servant", "baseline, again"]);
+    let table = std::fs::read_to_string(out.with_extension("txt"))?;
+    assert!(table.contains("95% interval"), "{table}");
+    Ok(())
+}

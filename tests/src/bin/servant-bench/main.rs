@@ -62,6 +62,7 @@ mod process;
 mod report;
 mod servant_net;
 mod soak;
+mod stats;
 mod topology;
 
 use std::{

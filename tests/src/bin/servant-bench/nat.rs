@@ -19,7 +19,11 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use servant_tests::natlab::{Lab, Nat};
 
-use crate::{nat_node::Outcome, report};
+use crate::{
+    nat_node::Outcome,
+    report,
+    stats::{self, Difference},
+};
 
 /// The benchmark's parameters.
 #[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
@@ -46,6 +50,23 @@ pub struct NatParams {
     #[arg(long, default_value_t = 0.0)]
     #[serde(default)]
     pub delay_ms: f64,
+    /// Also run the baseline a second time, as a cell of its own ("baseline, again"),
+    /// and compare it with the first like Servant: what two runs of the same code
+    /// differ by in this lab and run, so the noise the target must tell apart is
+    /// measured, not assumed.
+    #[arg(long)]
+    #[serde(default)]
+    pub calibrate: bool,
+    /// How much slower than the baseline's median, in percent of it, still counts as
+    /// "no worse": Servant passes when the upper end of the 95% interval of the
+    /// medians' difference is within it.
+    #[arg(long, default_value_t = 5.0)]
+    #[serde(default = "default_margin_pct")]
+    pub margin_pct: f64,
+}
+
+fn default_margin_pct() -> f64 {
+    5.0
 }
 
 /// One cell: a pairing, a transport, an implementation.
@@ -74,6 +95,26 @@ pub struct Cell {
     pub outcomes: Vec<Outcome>,
 }
 
+/// One implementation's time to a direct connection against the baseline's, in one
+/// pairing and transport.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Comparison {
+    /// The pairing.
+    pub pairing: String,
+    /// The transport.
+    pub transport: String,
+    /// The implementation compared (`servant`, or `baseline, again`).
+    pub implementation: String,
+    /// Its median minus the baseline's, relayed to direct, over successes, with the
+    /// 95% bootstrap interval, in ms.
+    pub difference_ms: Difference,
+    /// The most it may be slower and still count as no worse: `margin_pct` of the
+    /// baseline's median, in ms.
+    pub margin_ms: f64,
+    /// The interval's upper end is within the margin.
+    pub no_worse: bool,
+}
+
 /// The report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NatReport {
@@ -81,6 +122,10 @@ pub struct NatReport {
     pub params: NatParams,
     /// Every cell.
     pub cells: Vec<Cell>,
+    /// Servant (and, with `--calibrate`, the baseline's second run) against the
+    /// baseline, cell by cell.
+    #[serde(default)]
+    pub comparisons: Vec<Comparison>,
     /// Whether every target was met.
     pub all_targets_met: bool,
 }
@@ -487,23 +532,76 @@ async fn servant_peers(
     }
 }
 
-/// The median of `value` over the successful trials that have it.
-fn success_median(outcomes: &[Outcome], value: impl Fn(&Outcome) -> Option<f64>) -> Option<f64> {
-    median(
-        outcomes
-            .iter()
-            .filter(|o| o.success)
-            .filter_map(value)
-            .collect(),
-    )
+/// `value` of the successful trials that have it.
+fn success_values(outcomes: &[Outcome], value: impl Fn(&Outcome) -> Option<f64>) -> Vec<f64> {
+    outcomes
+        .iter()
+        .filter(|o| o.success)
+        .filter_map(value)
+        .collect()
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
+/// The median of `value` over the successful trials that have it.
+fn success_median(outcomes: &[Outcome], value: impl Fn(&Outcome) -> Option<f64>) -> Option<f64> {
+    stats::median(success_values(outcomes, value))
+}
+
+/// The implementations a run compares, in the order of their first turn.
+fn implementations(params: &NatParams) -> Vec<(&'static str, Mix)> {
+    let mut v = vec![Mix::ALL[0], Mix::ALL[1]];
+    if params.calibrate {
+        v.push((CALIBRATION, Mix::ALL[1].1));
     }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Some(v[v.len() / 2])
+    if params.mixed {
+        v.extend_from_slice(&Mix::ALL[2..]);
+    }
+    v
+}
+
+/// The name of the baseline's second run (`--calibrate`).
+const CALIBRATION: &str = "baseline, again";
+
+/// Which implementation takes turn `k` of trial `n`: the order rotates from trial
+/// to trial, so a slow stretch of the shared machine falls on every implementation
+/// alike, and none always runs right after the same other one.
+fn turn(n: usize, k: usize, implementations: usize) -> usize {
+    (n + k) % implementations
+}
+
+/// Cell `a`'s time to a direct connection against the baseline cell `b`'s, judged
+/// with a margin of `margin_pct` of the baseline's median; `None` without successes
+/// on both sides.
+fn compare(a: &Cell, b: &Cell, margin_pct: f64) -> Option<Comparison> {
+    let ms = |c: &Cell| success_values(&c.outcomes, |o| o.ms);
+    let difference_ms = stats::median_difference(&ms(a), &ms(b))?;
+    let margin_ms = b.median_ms? * margin_pct / 100.0;
+    Some(Comparison {
+        pairing: a.pairing.clone(),
+        transport: a.transport.clone(),
+        implementation: a.implementation.clone(),
+        difference_ms,
+        margin_ms,
+        no_worse: difference_ms.high <= margin_ms,
+    })
+}
+
+/// The table's line for a comparison: the medians' difference, its interval and
+/// the margin it must stay within.
+fn difference_row(pairing: &str, transport: &str, c: &Comparison, target: &str) -> [String; 6] {
+    let d = c.difference_ms;
+    let what = if c.implementation == "servant" {
+        String::new()
+    } else {
+        format!(" ({} - baseline)", c.implementation)
+    };
+    [
+        format!("{pairing} {transport}: difference{what}, 95% interval (ms)"),
+        format!("{:+.2} [{:+.2}, {:+.2}]", d.median_diff, d.low, d.high),
+        "-".into(),
+        "-".into(),
+        format!("{target} (upper end ≤ {:+.2})", c.margin_ms),
+        if c.no_worse { "PASS" } else { "FAIL" }.into(),
+    ]
 }
 
 /// Runs every cell and writes the report.
@@ -520,16 +618,21 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
     let work = tempfile::tempdir()?;
     // SERVANT_BENCH_KEEP=1 keeps every trial's logs (and says where).
     let keep = std::env::var_os("SERVANT_BENCH_KEEP").is_some();
+    let runs = implementations(params);
     let mut cells = Vec::new();
     for (pairing, a, b, _) in selected(params) {
         let (pairing, a, b) = (*pairing, *a, *b);
         for transport in &params.transports {
-            let mixes = if params.mixed { 4 } else { 2 };
-            for (implementation, mix) in &Mix::ALL[..mixes] {
-                let (implementation, mix) = (*implementation, *mix);
-                let mut outcomes = Vec::new();
-                let mut setup_failures = 0;
-                for n in 0..params.trials {
+            // Trials take turns, one of each implementation after another, rather
+            // than one implementation's thirty after the other's: the machine's
+            // load drifts over minutes, and blocks would put the drift into the
+            // comparison.
+            let mut outcomes = vec![Vec::new(); runs.len()];
+            let mut setup_failures = vec![0; runs.len()];
+            for n in 0..params.trials {
+                for k in 0..runs.len() {
+                    let i = turn(n, k, runs.len());
+                    let (implementation, mix) = runs[i];
                     let dir = work.path().join(format!(
                         "{}-{transport}-{}-{n}",
                         pairing.replace('/', "-"),
@@ -538,7 +641,7 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                     std::fs::create_dir_all(&dir)?;
                     let outcome = trial(&dir, transport, (a, b), mix, params.delay_ms).await;
                     let outcome = outcome.unwrap_or_else(|e| {
-                        setup_failures += 1;
+                        setup_failures[i] += 1;
                         Outcome {
                             success: false,
                             ms: None,
@@ -560,18 +663,21 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                             outcome.error.clone().unwrap_or_default()
                         }
                     );
-                    outcomes.push(outcome);
+                    outcomes[i].push(outcome);
                     if !keep {
                         let _ = std::fs::remove_dir_all(&dir);
                     }
                 }
-                let successes = outcomes.iter().filter(|o| o.success).count();
+            }
+            for (((implementation, _), outcomes), setup_failures) in
+                runs.iter().zip(outcomes).zip(setup_failures)
+            {
                 cells.push(Cell {
                     pairing: pairing.into(),
                     transport: transport.clone(),
-                    implementation: implementation.into(),
+                    implementation: (*implementation).into(),
                     trials: params.trials,
-                    successes,
+                    successes: outcomes.iter().filter(|o| o.success).count(),
                     setup_failures,
                     median_ms: success_median(&outcomes, |o| o.ms),
                     median_dial_ms: success_median(&outcomes, |o| o.dial_ms),
@@ -586,6 +692,7 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
     let mut lines =
         vec![["cell", "Servant", "baseline", "ratio", "target", "result"].map(String::from)];
     let mut all_met = true;
+    let mut comparisons = Vec::new();
     for (pairing, _, _, possible) in selected(params) {
         let (pairing, possible) = (*pairing, *possible);
         for transport in &params.transports {
@@ -613,18 +720,30 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                 target,
                 Some(pass),
             ));
-            if let (Some(sm), Some(bm)) = (s.median_ms, b.median_ms) {
-                let pass = sm <= bm;
-                all_met &= pass;
+            let target = format!("≤ baseline + {}%", params.margin_pct);
+            if let (Some(sm), Some(bm), Some(c)) =
+                (s.median_ms, b.median_ms, compare(s, b, params.margin_pct))
+            {
+                all_met &= c.no_worse;
                 lines.push(report::cells(
                     &format!("{pairing} {transport}: median relayed→direct"),
                     "ms",
                     sm,
                     bm,
                     Some(sm / bm),
-                    "≤ baseline",
-                    Some(pass),
+                    &target,
+                    Some(c.no_worse),
                 ));
+                lines.push(difference_row(pairing, transport, &c, &target));
+                comparisons.push(c);
+            }
+            // The baseline against itself: not a target of Servant's, but what the
+            // verdict above would say of two runs of the same code.
+            if let Some(c) = find(CALIBRATION).and_then(|a| compare(a, b, params.margin_pct)) {
+                let mut row = difference_row(pairing, transport, &c, "calibration");
+                row[5] = if c.no_worse { "(pass)" } else { "(fail)" }.into();
+                lines.push(row);
+                comparisons.push(c);
             }
             // Where the time goes: the DCUtR exchange over the relay, then the
             // direct connection's handshake.
@@ -695,8 +814,97 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
     let report = NatReport {
         params: params.clone(),
         cells,
+        comparisons,
         all_targets_met: all_met,
     };
     crate::publish(out, &report, &table)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn turns_rotate_so_each_implementation_goes_first_in_turn() {
+        let firsts: Vec<usize> = (0..6).map(|n| turn(n, 0, 3)).collect();
+        assert_eq!(firsts, [0, 1, 2, 0, 1, 2]);
+        for n in 0..6 {
+            let mut order: Vec<usize> = (0..3).map(|k| turn(n, k, 3)).collect();
+            order.sort_unstable();
+            assert_eq!(order, [0, 1, 2], "trial {n} runs every implementation once");
+        }
+    }
+
+    #[test]
+    fn no_worse_means_the_interval_stays_within_the_margin() {
+        let cell = |implementation: &str, ms: &[f64]| Cell {
+            pairing: "port-restricted/port-restricted".into(),
+            transport: "tcp".into(),
+            implementation: implementation.into(),
+            trials: ms.len(),
+            successes: ms.len(),
+            setup_failures: 0,
+            median_ms: stats::median(ms.to_vec()),
+            median_dial_ms: None,
+            outcomes: ms
+                .iter()
+                .map(|&ms| Outcome {
+                    success: true,
+                    ms: Some(ms),
+                    dial_ms: None,
+                    error: None,
+                })
+                .collect(),
+        };
+        let base: Vec<f64> = (0..30).map(|i| 100.0 + (i * 7 % 11) as f64).collect();
+        let b = cell("baseline", &base);
+        // The same times: the interval straddles 0, well within 5 ms.
+        let same = compare(&cell("servant", &base), &b, 5.0).expect("successes");
+        assert!(same.no_worse, "{same:?}");
+        assert!((same.margin_ms - 5.25).abs() < 1e-9, "5% of the median 105");
+        // 20 ms slower: outside the margin.
+        let slower: Vec<f64> = base.iter().map(|x| x + 20.0).collect();
+        let c = compare(&cell("servant", &slower), &b, 5.0).expect("successes");
+        assert!(!c.no_worse, "{c:?}");
+        // Faster by any amount is no worse.
+        let faster: Vec<f64> = base.iter().map(|x| x - 20.0).collect();
+        assert!(
+            compare(&cell("servant", &faster), &b, 5.0)
+                .expect("successes")
+                .no_worse
+        );
+    }
+
+    #[test]
+    fn calibration_and_mixed_cells_join_the_turns() {
+        let mut params = NatParams {
+            trials: 1,
+            transports: vec!["tcp".into()],
+            pairings: vec![],
+            mixed: false,
+            delay_ms: 0.0,
+            calibrate: false,
+            margin_pct: 5.0,
+        };
+        let names = |p: &NatParams| {
+            implementations(p)
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&params), ["servant", "baseline"]);
+        params.calibrate = true;
+        params.mixed = true;
+        assert_eq!(
+            names(&params),
+            [
+                "servant",
+                "baseline",
+                CALIBRATION,
+                "servant peers, bare relay",
+                "bare peers, servant relay"
+            ]
+        );
+    }
 }
