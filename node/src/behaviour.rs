@@ -79,7 +79,7 @@ pub struct Behaviour {
     /// Queries with a time-to-live and their hits, `/servant/search/1.0.0`.
     pub search: Held<request_response::Behaviour<SearchCodec>>,
     /// Raw streams: Servant's AutoNAT v2 client and its dial-back answers.
-    pub stream: libp2p_stream::Behaviour,
+    pub stream: crate::streams::Behaviour,
     /// AutoNAT v2 server, throttled: dials peers back so they learn their reachability.
     pub autonat: reach::server::Behaviour,
     /// Circuit relay v2 server; it offers the hop protocol only on super-peers.
@@ -182,7 +182,7 @@ impl Behaviour {
                 [(SEARCH_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(SEARCH_REQUEST_TIMEOUT),
             )),
-            stream: libp2p_stream::Behaviour::new(),
+            stream: crate::streams::Behaviour::new(),
             autonat: reach::server::Behaviour::default(),
             relay,
             relay_client,

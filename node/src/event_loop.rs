@@ -435,7 +435,7 @@ impl EventLoop {
                 self.traversal.on_dcutr(e)
             }
             SwarmEvent::Behaviour(BehaviourEvent::Upnp(e)) => self.traversal.on_upnp(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Stream(())) => {}
+            SwarmEvent::Behaviour(BehaviourEvent::Stream(never)) => match never {},
             SwarmEvent::Behaviour(BehaviourEvent::Deny(never)) => match never {},
             SwarmEvent::Behaviour(BehaviourEvent::Limits(never)) => match never {},
             SwarmEvent::Behaviour(BehaviourEvent::KeepAlive(never)) => match never {},

@@ -58,6 +58,7 @@ pub mod search;
 pub mod slow_peers;
 pub mod store;
 pub mod stream_count;
+pub mod streams;
 pub mod subscription_cap;
 pub mod swarm;
 pub mod token_bucket;

@@ -46,7 +46,7 @@ pub struct ProbeReport {
 /// The node's reachability prober.
 pub struct Reach {
     verdict: Verdict,
-    control: libp2p_stream::Control,
+    control: crate::streams::Control,
     dial_backs: DialBacks,
     reports: mpsc::UnboundedSender<ProbeReport>,
     in_flight: usize,
@@ -69,7 +69,7 @@ pub struct Reach {
 impl Reach {
     /// Starts answering dial-backs; probe reports arrive on the returned receiver.
     pub fn new(
-        control: libp2p_stream::Control,
+        control: crate::streams::Control,
         interval: Duration,
     ) -> (Self, mpsc::UnboundedReceiver<ProbeReport>) {
         let (reports, rx) = mpsc::unbounded_channel();

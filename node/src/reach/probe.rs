@@ -7,9 +7,9 @@ use std::{
     time::Duration,
 };
 
+use crate::streams::Control;
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{Multiaddr, PeerId};
-use libp2p_stream::Control;
 
 use super::{
     verdict::ProbeResult,

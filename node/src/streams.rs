@@ -1,0 +1,608 @@
+//! Plain streams for Servant's own protocols: open one to a peer for a protocol, or
+//! accept every inbound stream of a protocol (the AutoNAT v2 client's dial requests
+//! and dial-backs, see [`crate::reach`]).
+//!
+//! This replaces libp2p-stream 0.5.0-alpha, whose behaviour keeps a channel for every
+//! connection it ever saw: its map from connection to channel gains an entry per
+//! connection and loses none when the connection closes (about 300 bytes each, a few
+//! hundred connections per 10 minutes under the soak's churn). Here the behaviour
+//! holds only the connections that are open and the requests still waiting for a
+//! dial; both shrink as connections close and dials end.
+//!
+//! A request goes from a [`Control`] to the behaviour over a channel, the behaviour
+//! hands it to one of the peer's connections (dialing the peer first if there is
+//! none), and that connection's handler asks for an outbound stream and answers the
+//! request with it. Inbound streams are offered to the protocols registered with
+//! [`Control::accept`]; with no one accepting, the protocol is not offered at all.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    convert::Infallible,
+    fmt,
+    sync::{Arc, Mutex, MutexGuard},
+    task::{Context, Poll},
+};
+
+use futures::{
+    channel::{mpsc, oneshot},
+    future::{ready, Ready},
+    StreamExt,
+};
+use libp2p::{
+    core::{transport::PortUse, Endpoint, UpgradeInfo},
+    swarm::{
+        dial_opts::DialOpts,
+        handler::{
+            ConnectionEvent, DialUpgradeError, FullyNegotiatedInbound, FullyNegotiatedOutbound,
+        },
+        ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
+        NetworkBehaviour, NotifyHandler, Stream, StreamProtocol, StreamUpgradeError,
+        SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+    },
+    InboundUpgrade, Multiaddr, OutboundUpgrade, PeerId,
+};
+
+/// Inbound streams queued per accepted protocol before the acceptor takes them;
+/// beyond this an inbound stream is dropped (reset), not queued without bound.
+const ACCEPT_QUEUE: usize = 16;
+/// Requests waiting for a dial to a peer; beyond this a request fails at once.
+const MAX_WAITING_FOR_DIAL: usize = 256;
+
+/// Why a stream could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenStreamError {
+    /// The peer does not speak the protocol.
+    #[error("the peer does not support {0}")]
+    UnsupportedProtocol(StreamProtocol),
+    /// The peer could not be reached.
+    #[error("cannot reach the peer: {0}")]
+    Dial(String),
+    /// The connection failed or closed before the stream was open.
+    #[error("opening the stream failed: {0}")]
+    Io(String),
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    Stopped,
+}
+
+/// A second [`Control::accept`] for a protocol already accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0} is already accepted elsewhere")]
+pub struct AlreadyAccepted(StreamProtocol);
+
+/// Who accepts which inbound protocol: shared by the controls and every handler.
+type Acceptors = Arc<Mutex<HashMap<StreamProtocol, mpsc::Sender<(PeerId, Stream)>>>>;
+
+fn lock(
+    acceptors: &Acceptors,
+) -> MutexGuard<'_, HashMap<StreamProtocol, mpsc::Sender<(PeerId, Stream)>>> {
+    // A panic while holding the lock leaves a map that is still consistent (every
+    // operation on it is a single insert, remove or lookup).
+    acceptors.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One request for an outbound stream.
+#[derive(Debug)]
+pub struct Open {
+    protocol: StreamProtocol,
+    reply: oneshot::Sender<Result<Stream, OpenStreamError>>,
+}
+
+/// A handle for opening and accepting streams; cheap to clone.
+#[derive(Clone)]
+pub struct Control {
+    requests: mpsc::UnboundedSender<(PeerId, Open)>,
+    acceptors: Acceptors,
+}
+
+impl fmt::Debug for Control {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Control").finish_non_exhaustive()
+    }
+}
+
+impl Control {
+    /// Opens a stream to `peer` speaking `protocol`, dialing the peer if this node
+    /// has no connection to it.
+    pub async fn open_stream(
+        &mut self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<Stream, OpenStreamError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .unbounded_send((peer, Open { protocol, reply }))
+            .map_err(|_| OpenStreamError::Stopped)?;
+        answer.await.unwrap_or_else(|_| {
+            Err(OpenStreamError::Io(
+                "the connection closed before the stream was open".into(),
+            ))
+        })
+    }
+
+    /// Every inbound stream of `protocol` from now on, with the peer it came from.
+    /// Dropping the returned stream stops accepting.
+    pub fn accept(&mut self, protocol: StreamProtocol) -> Result<IncomingStreams, AlreadyAccepted> {
+        let mut acceptors = lock(&self.acceptors);
+        acceptors.retain(|_, sender| !sender.is_closed());
+        if acceptors.contains_key(&protocol) {
+            return Err(AlreadyAccepted(protocol));
+        }
+        let (sender, receiver) = mpsc::channel(ACCEPT_QUEUE);
+        acceptors.insert(protocol, sender);
+        Ok(IncomingStreams(receiver))
+    }
+}
+
+/// Inbound streams of one accepted protocol.
+#[derive(Debug)]
+pub struct IncomingStreams(mpsc::Receiver<(PeerId, Stream)>);
+
+impl futures::Stream for IncomingStreams {
+    type Item = (PeerId, Stream);
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Self::Item>> {
+        self.0.poll_next_unpin(cx)
+    }
+}
+
+/// The behaviour: routes each request to a connection of its peer.
+pub struct Behaviour {
+    requests: mpsc::UnboundedReceiver<(PeerId, Open)>,
+    /// Kept so that [`Behaviour::new_control`] can hand out more senders.
+    sender: mpsc::UnboundedSender<(PeerId, Open)>,
+    acceptors: Acceptors,
+    /// The open connections of each peer; entries leave when connections close.
+    connections: HashMap<PeerId, Vec<ConnectionId>>,
+    /// Requests to peers being dialed; they leave when the dial ends either way.
+    waiting: HashMap<PeerId, Vec<Open>>,
+    /// What the behaviour has to tell the swarm.
+    to_swarm: VecDeque<ToSwarm<Infallible, Open>>,
+}
+
+impl fmt::Debug for Behaviour {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Behaviour")
+            .field("connections", &self.connections.len())
+            .field("waiting", &self.waiting.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Behaviour {
+    /// A behaviour with no protocol accepted yet.
+    pub fn new() -> Self {
+        let (sender, requests) = mpsc::unbounded();
+        Behaviour {
+            requests,
+            sender,
+            acceptors: Acceptors::default(),
+            connections: HashMap::new(),
+            waiting: HashMap::new(),
+            to_swarm: VecDeque::new(),
+        }
+    }
+
+    /// A new handle on this behaviour.
+    pub fn new_control(&self) -> Control {
+        Control {
+            requests: self.sender.clone(),
+            acceptors: self.acceptors.clone(),
+        }
+    }
+
+    /// Peers with open connections and peers with requests waiting for a dial: what
+    /// this behaviour keeps, for the test that it keeps nothing after they go.
+    pub fn tracked(&self) -> (usize, usize) {
+        (self.connections.len(), self.waiting.len())
+    }
+
+    fn route(&mut self, peer: PeerId, open: Open) {
+        if let Some(&connection) = self.connections.get(&peer).and_then(|c| c.last()) {
+            // The newest connection: an older one to the same peer is the likelier to
+            // be closed as a duplicate.
+            self.to_swarm.push_back(ToSwarm::NotifyHandler {
+                peer_id: peer,
+                handler: NotifyHandler::One(connection),
+                event: open,
+            });
+            return;
+        }
+        let total: usize = self.waiting.values().map(Vec::len).sum();
+        if total >= MAX_WAITING_FOR_DIAL {
+            let _ = open.reply.send(Err(OpenStreamError::Dial(
+                "too many streams waiting for dials".into(),
+            )));
+            return;
+        }
+        let waiting = self.waiting.entry(peer).or_default();
+        if waiting.is_empty() {
+            self.to_swarm.push_back(ToSwarm::Dial {
+                opts: DialOpts::peer_id(peer).build(),
+            });
+        }
+        waiting.push(open);
+    }
+
+    fn handler(&self, peer: PeerId) -> Handler {
+        Handler {
+            peer,
+            acceptors: self.acceptors.clone(),
+            requested: VecDeque::new(),
+        }
+    }
+
+    fn established(&mut self, peer: PeerId, connection: ConnectionId) {
+        self.connections.entry(peer).or_default().push(connection);
+        for open in self.waiting.remove(&peer).unwrap_or_default() {
+            self.route(peer, open);
+        }
+    }
+}
+
+impl NetworkBehaviour for Behaviour {
+    type ConnectionHandler = Handler;
+    type ToSwarm = Infallible;
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(self.handler(peer))
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(self.handler(peer))
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        match event {
+            FromSwarm::ConnectionEstablished(e) => self.established(e.peer_id, e.connection_id),
+            FromSwarm::ConnectionClosed(e) => {
+                if let Some(list) = self.connections.get_mut(&e.peer_id) {
+                    list.retain(|c| *c != e.connection_id);
+                    if list.is_empty() {
+                        self.connections.remove(&e.peer_id);
+                    }
+                }
+            }
+            FromSwarm::DialFailure(e) => {
+                // Another behaviour's failed dial to the peer fails ours too: a
+                // dial in flight to the same peer would have met the same fate.
+                let Some(peer) = e.peer_id else { return };
+                if self.connections.contains_key(&peer) {
+                    return;
+                }
+                for open in self.waiting.remove(&peer).unwrap_or_default() {
+                    let _ = open
+                        .reply
+                        .send(Err(OpenStreamError::Dial(e.error.to_string())));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        _: PeerId,
+        _: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        libp2p::core::util::unreachable(event)
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        while let Poll::Ready(Some((peer, open))) = self.requests.poll_next_unpin(cx) {
+            self.route(peer, open);
+        }
+        match self.to_swarm.pop_front() {
+            Some(event) => Poll::Ready(event),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// Negotiates one of a set of protocols and yields the bare stream with it.
+#[derive(Debug, Clone)]
+pub struct Upgrade(Vec<StreamProtocol>);
+
+impl UpgradeInfo for Upgrade {
+    type Info = StreamProtocol;
+    type InfoIter = std::vec::IntoIter<StreamProtocol>;
+
+    fn protocol_info(&self) -> Self::InfoIter {
+        self.0.clone().into_iter()
+    }
+}
+
+impl InboundUpgrade<Stream> for Upgrade {
+    type Output = (Stream, StreamProtocol);
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Output, Self::Error>>;
+
+    fn upgrade_inbound(self, stream: Stream, protocol: StreamProtocol) -> Self::Future {
+        ready(Ok((stream, protocol)))
+    }
+}
+
+impl OutboundUpgrade<Stream> for Upgrade {
+    type Output = (Stream, StreamProtocol);
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Output, Self::Error>>;
+
+    fn upgrade_outbound(self, stream: Stream, protocol: StreamProtocol) -> Self::Future {
+        ready(Ok((stream, protocol)))
+    }
+}
+
+/// One connection's part: opens the streams asked for and hands inbound ones to
+/// their acceptors.
+pub struct Handler {
+    /// The peer at the other end, named to whoever accepts its streams.
+    peer: PeerId,
+    acceptors: Acceptors,
+    /// Requests not yet turned into stream requests to the swarm.
+    requested: VecDeque<Open>,
+}
+
+impl fmt::Debug for Handler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handler")
+            .field("requested", &self.requested.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnectionHandler for Handler {
+    type FromBehaviour = Open;
+    type ToBehaviour = Infallible;
+    type InboundProtocol = Upgrade;
+    type OutboundProtocol = Upgrade;
+    type InboundOpenInfo = ();
+    type OutboundOpenInfo = Open;
+
+    fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol> {
+        let protocols = lock(&self.acceptors)
+            .iter()
+            .filter(|(_, sender)| !sender.is_closed())
+            .map(|(protocol, _)| protocol.clone())
+            .collect();
+        SubstreamProtocol::new(Upgrade(protocols), ())
+    }
+
+    fn connection_keep_alive(&self) -> bool {
+        // An open stream keeps its connection alive by itself; a request not yet
+        // sent out must not see the connection close under it.
+        !self.requested.is_empty()
+    }
+
+    fn on_behaviour_event(&mut self, open: Open) {
+        self.requested.push_back(open);
+    }
+
+    fn poll(
+        &mut self,
+        _: &mut Context<'_>,
+    ) -> Poll<
+        ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>,
+    > {
+        match self.requested.pop_front() {
+            Some(open) => Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
+                protocol: SubstreamProtocol::new(Upgrade(vec![open.protocol.clone()]), open),
+            }),
+            None => Poll::Pending,
+        }
+    }
+
+    fn on_connection_event(
+        &mut self,
+        event: ConnectionEvent<
+            Self::InboundProtocol,
+            Self::OutboundProtocol,
+            (),
+            Self::OutboundOpenInfo,
+        >,
+    ) {
+        match event {
+            ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound {
+                protocol: (stream, protocol),
+                ..
+            }) => {
+                // Whoever accepts the protocol gets the stream; a full or gone
+                // acceptor means it is dropped, which resets it.
+                if let Some(sender) = lock(&self.acceptors).get_mut(&protocol) {
+                    if let Err(e) = sender.try_send((self.peer, stream)) {
+                        tracing::debug!(%protocol, full = e.is_full(), "inbound stream dropped");
+                    }
+                }
+            }
+            ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound {
+                protocol: (stream, _),
+                info: open,
+            }) => {
+                let _ = open.reply.send(Ok(stream));
+            }
+            ConnectionEvent::DialUpgradeError(DialUpgradeError { info: open, error }) => {
+                let error = match error {
+                    StreamUpgradeError::NegotiationFailed => {
+                        OpenStreamError::UnsupportedProtocol(open.protocol)
+                    }
+                    other => OpenStreamError::Io(other.to_string()),
+                };
+                let _ = open.reply.send(Err(error));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    use libp2p::{swarm::SwarmEvent, Swarm};
+
+    use super::*;
+
+    const ECHO: StreamProtocol = StreamProtocol::new("/servant/test/echo");
+    const ELSE: StreamProtocol = StreamProtocol::new("/servant/test/else");
+
+    fn swarm() -> Swarm<Behaviour> {
+        libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                Default::default(),
+                libp2p::noise::Config::new,
+                libp2p::yamux::Config::default,
+            )
+            .expect("tcp transport")
+            .with_behaviour(|_| Behaviour::new())
+            .expect("behaviour")
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build()
+    }
+
+    /// Drives `swarm` until `work` is done.
+    async fn drive<T>(
+        swarm: &mut Swarm<Behaviour>,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let mut work = std::pin::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = swarm.select_next_some() => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_open_and_nothing_is_kept_after_their_connection_closes() {
+        let mut server = swarm();
+        let mut client = swarm();
+        let server_id = *server.local_peer_id();
+        let client_id = *client.local_peer_id();
+        server
+            .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
+            .expect("listen");
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = server.select_next_some().await {
+                break address;
+            }
+        };
+        let mut incoming = server
+            .behaviour()
+            .new_control()
+            .accept(ECHO)
+            .expect("first accept");
+        assert_eq!(
+            server.behaviour().new_control().accept(ECHO).err(),
+            Some(AlreadyAccepted(ECHO))
+        );
+        // The server echoes one message per stream, and says who sent it.
+        let (seen_tx, mut seen) = mpsc::unbounded();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    Some((peer, mut stream)) = incoming.next() => {
+                        let _ = seen_tx.unbounded_send(peer);
+                        tokio::spawn(async move {
+                            let mut buf = [0u8; 5];
+                            if stream.read_exact(&mut buf).await.is_ok() {
+                                let _ = stream.write_all(&buf).await;
+                                let _ = stream.close().await;
+                            }
+                        });
+                    }
+                    _ = server.select_next_some() => {}
+                }
+            }
+        });
+
+        client.dial(addr).expect("dial");
+        while !matches!(
+            client.select_next_some().await,
+            SwarmEvent::ConnectionEstablished { .. }
+        ) {}
+        let mut control = client.behaviour().new_control();
+        let echoed = drive(&mut client, async {
+            let mut stream = control.open_stream(server_id, ECHO).await?;
+            stream
+                .write_all(b"hello")
+                .await
+                .map_err(|e| OpenStreamError::Io(e.to_string()))?;
+            let mut buf = Vec::new();
+            stream
+                .read_to_end(&mut buf)
+                .await
+                .map_err(|e| OpenStreamError::Io(e.to_string()))?;
+            Ok::<_, OpenStreamError>(buf)
+        })
+        .await;
+        assert_eq!(echoed.as_deref(), Ok(&b"hello"[..]));
+        assert_eq!(
+            seen.next().await,
+            Some(client_id),
+            "the acceptor learns the peer"
+        );
+
+        // A protocol nobody accepts is refused by name.
+        let refused = drive(&mut client, control.open_stream(server_id, ELSE)).await;
+        assert_eq!(
+            refused.err(),
+            Some(OpenStreamError::UnsupportedProtocol(ELSE))
+        );
+
+        // A peer with no known address: the dial fails and the request with it.
+        let stranger = PeerId::random();
+        let unreachable = drive(&mut client, control.open_stream(stranger, ECHO)).await;
+        assert!(
+            matches!(unreachable, Err(OpenStreamError::Dial(_))),
+            "{unreachable:?}"
+        );
+        assert_eq!(
+            client.behaviour().tracked(),
+            (1, 0),
+            "the server's connection only"
+        );
+
+        // Once the connection is gone, nothing about it is left.
+        assert!(client.disconnect_peer_id(server_id).is_ok());
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let SwarmEvent::ConnectionClosed { .. } = client.select_next_some().await {
+                    if !client.is_connected(&server_id) {
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the connection closed within 10 s");
+        assert_eq!(client.behaviour().tracked(), (0, 0));
+    }
+}
