@@ -33,6 +33,13 @@ pub const TRIM_GRACE: Duration = Duration::from_secs(10);
 /// Most peers whose backoff is remembered; beyond it the entries that expire first go
 /// (the map would otherwise grow with every PeerId that ever connected).
 pub const MAX_BACKOFF_ENTRIES: usize = 4096;
+/// A failure count is forgotten once the peer has not been tried for this long after
+/// its wait ended: the peer is no longer a candidate (a departed identity, usually),
+/// and a count kept for it would only wait for the cap.
+pub const BACKOFF_FORGET: Duration = Duration::from_secs(600);
+/// Most peers protected by `servant connect` that are remembered while not connected;
+/// beyond it, only the connected ones stay protected.
+pub const MAX_EXPLICIT: usize = 1024;
 /// A random walk on the DHT runs at most this often while below the low watermark.
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -165,6 +172,13 @@ impl PeerManager {
     /// Marks `peer` as connected on purpose.
     pub fn protect(&mut self, peer: PeerId) {
         self.explicit.insert(peer);
+        if self.explicit.len() > MAX_EXPLICIT {
+            // An operator's `connect` protects for as long as the peer stays; the
+            // peers that left are the ones to forget when the set is full.
+            let connected = &self.connected;
+            self.explicit
+                .retain(|p| *p == peer || connected.contains_key(p));
+        }
     }
 
     /// Forgets a peer entirely (it was banned).
@@ -327,9 +341,12 @@ impl PeerManager {
 }
 
 impl PeerManager {
-    /// Forgets backoffs that are over and count no failure, and caps the rest.
+    /// Forgets backoffs that are over and count no failure, failure counts of peers
+    /// not tried for [`BACKOFF_FORGET`] after their wait, and caps the rest.
     fn prune_backoff(&mut self, now: Instant) {
-        self.backoff.retain(|_, b| b.until > now || b.failures > 0);
+        self.backoff.retain(|_, b| {
+            b.until > now || (b.failures > 0 && now.duration_since(b.until) < BACKOFF_FORGET)
+        });
         if self.backoff.len() > MAX_BACKOFF_ENTRIES {
             let mut by_end: Vec<(Instant, PeerId)> =
                 self.backoff.iter().map(|(p, b)| (b.until, *p)).collect();
@@ -480,6 +497,44 @@ mod tests {
         assert!(pm.backoff.len() <= MAX_BACKOFF_ENTRIES);
         pm.plan(now + RECONNECT_COOLDOWN, vec![], |_| 0.0);
         assert!(pm.backoff.is_empty(), "expired cooldowns are forgotten");
+    }
+
+    #[test]
+    fn failure_counts_of_peers_no_longer_tried_are_forgotten() {
+        let now = Instant::now();
+        let mut pm = PeerManager::new(1, 2, vec![]);
+        let gone = PeerId::random();
+        let delay = pm.on_dial_failure(gone, now);
+        pm.plan(now + delay, vec![], |_| 0.0);
+        assert_eq!(
+            pm.backoff[&gone].failures, 1,
+            "kept while it may be retried"
+        );
+        pm.plan(now + delay + BACKOFF_FORGET, vec![], |_| 0.0);
+        assert!(
+            pm.backoff.is_empty(),
+            "forgotten once nobody tried it for a while"
+        );
+    }
+
+    #[test]
+    fn protection_of_departed_peers_is_bounded() {
+        let now = Instant::now();
+        let mut pm = PeerManager::new(1, 2, vec![]);
+        let staying = PeerId::random();
+        pm.protect(staying);
+        pm.on_connected(staying, now);
+        for _ in 0..(2 * MAX_EXPLICIT) {
+            let p = PeerId::random();
+            pm.protect(p);
+            pm.on_connected(p, now);
+            pm.on_disconnected(p, now, true);
+        }
+        assert!(pm.explicit.len() <= MAX_EXPLICIT);
+        assert!(
+            pm.is_protected(&staying),
+            "a connected peer keeps its protection"
+        );
     }
 
     #[test]
