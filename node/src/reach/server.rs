@@ -81,6 +81,8 @@ pub struct Behaviour {
     inner: server::Behaviour,
     total: Bucket,
     clients: HashMap<PeerId, Bucket>,
+    /// When buckets full again were last forgotten.
+    swept: Instant,
     throttled: Vec<PeerId>,
 }
 
@@ -90,6 +92,7 @@ impl Default for Behaviour {
             inner: server::Behaviour::default(),
             total: Bucket::full(TOTAL_PER_MINUTE, Instant::now()),
             clients: HashMap::new(),
+            swept: Instant::now(),
             throttled: Vec::new(),
         }
     }
@@ -97,11 +100,18 @@ impl Default for Behaviour {
 
 impl Behaviour {
     fn admit(&mut self, peer: PeerId) -> bool {
-        let now = Instant::now();
-        if self.clients.len() >= MAX_TRACKED_CLIENTS && !self.clients.contains_key(&peer) {
-            // Buckets older than a minute are full again: forgetting them is free.
+        self.admit_at(peer, Instant::now())
+    }
+
+    fn admit_at(&mut self, peer: PeerId, now: Instant) -> bool {
+        let full = self.clients.len() >= MAX_TRACKED_CLIENTS && !self.clients.contains_key(&peer);
+        if full || now.duration_since(self.swept).as_secs() >= 60 {
+            // Buckets older than a minute are full again: forgetting them is free,
+            // and done every minute the map holds only the last minute's clients,
+            // not every identity that ever asked.
             self.clients
                 .retain(|_, b| now.duration_since(b.at).as_secs() < 60);
+            self.swept = now;
             if self.clients.len() >= MAX_TRACKED_CLIENTS {
                 return false;
             }
@@ -249,5 +259,17 @@ mod tests {
         let served = (0..20).filter(|_| s.admit(greedy)).count();
         assert_eq!(served, PER_PEER_PER_MINUTE as usize);
         assert!(s.admit(PeerId::random()));
+    }
+
+    #[test]
+    fn clients_of_more_than_a_minute_ago_are_forgotten() {
+        let mut s = Behaviour::default();
+        let t0 = Instant::now();
+        for _ in 0..50 {
+            s.admit_at(PeerId::random(), t0);
+        }
+        assert_eq!(s.clients.len(), 50);
+        s.admit_at(PeerId::random(), t0 + Duration::from_secs(61));
+        assert_eq!(s.clients.len(), 1, "only the last minute's client is kept");
     }
 }
