@@ -37,8 +37,9 @@ pub const MAX_BACKOFF_ENTRIES: usize = 4096;
 /// its wait ended: the peer is no longer a candidate (a departed identity, usually),
 /// and a count kept for it would only wait for the cap.
 pub const BACKOFF_FORGET: Duration = Duration::from_secs(600);
-/// Most peers protected by `servant connect` that are remembered while not connected;
-/// beyond it, only the connected ones stay protected.
+/// Most peers `servant connect` protects, connected or not; past it, every protected
+/// peer not connected at that moment is forgotten at once (it is protected again by
+/// its next `servant connect`).
 pub const MAX_EXPLICIT: usize = 1024;
 /// A random walk on the DHT runs at most this often while below the low watermark.
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);

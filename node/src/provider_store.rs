@@ -9,15 +9,17 @@
 //!
 //! That map is Servant's rather than `MemoryStore`'s for two more reasons, both
 //! found in long soaks. `MemoryStore` reserves room for 20 providers inline with
-//! every key, whether it holds one or twenty (about 4.5 KiB a key: most of a soak
-//! node's steady rise in live heap, one fresh shared file every 20 s); a `Vec` holds
-//! what is there. And `MemoryStore` drops an expired record only when a lookup of its
+//! every key, whether it holds one or twenty (about 6,000 bytes a key: most of a
+//! soak node's steady rise in live heap, one fresh shared file every 20 s); a `Vec`
+//! holds what is there. And `MemoryStore` drops an expired record only when a lookup of its
 //! key arrives, so keys nobody asks for again keep their slots after their records
 //! expire, and once the cap is reached by such keys every new key is refused: a
 //! long-running node would stop storing records for new content. Here expired
-//! records are dropped as they are met and, at most once a minute (or when the key
-//! cap is reached, at most every few seconds), all at once. Value records
-//! (PUT_VALUE) still go to a capped `MemoryStore`.
+//! records are never handed out, those of a key are dropped when a record for it
+//! arrives, and all of them are swept when a record arrives a minute or more after
+//! the last sweep (or, while the key cap refuses new keys, 5 s after it): a node that
+//! receives no records keeps what it has, and the cap bounds that. Value records
+//! (PUT_VALUE) still go to a `MemoryStore`.
 
 use std::{
     borrow::Cow,
@@ -36,10 +38,11 @@ use libp2p::{
 /// Most keys with remote provider records stored; a key beyond it is refused.
 /// Each node holds the records of keys close to it, 20 copies of each across the
 /// network: 4,096 a node serves a network of N nodes sharing about 200 x N contents.
-/// Measured with glibc's figures, 4,096 keys of one provider each: about 590 bytes a
-/// key of map and list around each record, against about 6,000 in libp2p's
-/// `MemoryStore` (so some 2.3 MiB full, not 23.5); `tests/tests/attack_dht.rs` floods
-/// a node until every key is taken.
+/// Measured with glibc's figures: with one provider a key, about 590 bytes a key of
+/// map and list around the records, against about 6,000 in libp2p's `MemoryStore`
+/// (2.3 MiB for 4,096 keys, not 23.5); with every key full (20 providers of one
+/// address each, the records' own bytes included) 22.7 MiB against 34.1.
+/// `tests/tests/attack_dht.rs` floods a node until every key is taken.
 pub const MAX_REMOTE_PROVIDER_KEYS: usize = 4 * 1024;
 /// Most remote providers kept per key.
 pub const MAX_PROVIDERS_PER_KEY: usize = 20;
@@ -117,7 +120,9 @@ impl ProviderStore {
             *known = record;
         } else if list.len() < MAX_PROVIDERS_PER_KEY {
             // First come, first kept (as libp2p's store does): a flood of fresh
-            // identities cannot push out providers that keep refreshing.
+            // identities cannot push out providers that keep refreshing. One slot at
+            // a time, so a full list is 20 records, not a doubled capacity of 32.
+            list.reserve_exact(1);
             list.push(record);
         }
         Ok(())

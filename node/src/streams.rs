@@ -35,8 +35,8 @@ use libp2p::{
         handler::{
             ConnectionEvent, DialUpgradeError, FullyNegotiatedInbound, FullyNegotiatedOutbound,
         },
-        ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
-        NetworkBehaviour, NotifyHandler, Stream, StreamProtocol, StreamUpgradeError,
+        ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, DialError,
+        FromSwarm, NetworkBehaviour, NotifyHandler, Stream, StreamProtocol, StreamUpgradeError,
         SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
     },
     InboundUpgrade, Multiaddr, OutboundUpgrade, PeerId,
@@ -155,10 +155,12 @@ pub struct Behaviour {
     /// Kept so that [`Behaviour::new_control`] can hand out more senders.
     sender: mpsc::UnboundedSender<(PeerId, Open)>,
     acceptors: Acceptors,
-    /// The open connections of each peer; entries leave when connections close.
-    connections: HashMap<PeerId, Vec<ConnectionId>>,
-    /// Requests to peers being dialed; they leave when the dial ends either way.
-    waiting: HashMap<PeerId, Vec<Open>>,
+    /// The open connections of each peer, oldest first, and whether each is relayed;
+    /// entries leave when connections close.
+    connections: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
+    /// Requests to peers being dialed, and our dial (`None` when the swarm skipped it
+    /// for another dial already under way); they leave when the dial ends either way.
+    waiting: HashMap<PeerId, (Option<ConnectionId>, Vec<Open>)>,
     /// What the behaviour has to tell the swarm.
     to_swarm: VecDeque<ToSwarm<Infallible, Open>>,
 }
@@ -207,9 +209,18 @@ impl Behaviour {
     }
 
     fn route(&mut self, peer: PeerId, open: Open) {
-        if let Some(&connection) = self.connections.get(&peer).and_then(|c| c.last()) {
-            // The newest connection: an older one to the same peer is the likelier to
-            // be closed as a duplicate.
+        let open_connections = self
+            .connections
+            .get(&peer)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        // The oldest direct connection: the one Servant keeps when it closes duplicates
+        // (`crate::duplicates`), and relayed ones go once a direct one exists.
+        let chosen = open_connections
+            .iter()
+            .find(|(_, relayed)| !relayed)
+            .or(open_connections.first());
+        if let Some(&(connection, _)) = chosen {
             self.to_swarm.push_back(ToSwarm::NotifyHandler {
                 peer_id: peer,
                 handler: NotifyHandler::One(connection),
@@ -217,18 +228,18 @@ impl Behaviour {
             });
             return;
         }
-        let total: usize = self.waiting.values().map(Vec::len).sum();
+        let total: usize = self.waiting.values().map(|(_, w)| w.len()).sum();
         if total >= MAX_WAITING_FOR_DIAL {
             let _ = open.reply.send(Err(OpenStreamError::Dial(
                 "too many streams waiting for dials".into(),
             )));
             return;
         }
-        let waiting = self.waiting.entry(peer).or_default();
+        let (dial, waiting) = self.waiting.entry(peer).or_default();
         if waiting.is_empty() {
-            self.to_swarm.push_back(ToSwarm::Dial {
-                opts: DialOpts::peer_id(peer).build(),
-            });
+            let opts = DialOpts::peer_id(peer).build();
+            *dial = Some(opts.connection_id());
+            self.to_swarm.push_back(ToSwarm::Dial { opts });
         }
         waiting.push(open);
     }
@@ -241,10 +252,41 @@ impl Behaviour {
         }
     }
 
-    fn established(&mut self, peer: PeerId, connection: ConnectionId) {
-        self.connections.entry(peer).or_default().push(connection);
-        for open in self.waiting.remove(&peer).unwrap_or_default() {
+    fn established(&mut self, peer: PeerId, connection: ConnectionId, relayed: bool) {
+        self.connections
+            .entry(peer)
+            .or_default()
+            .push((connection, relayed));
+        // Whichever dial reached the peer, ours or another behaviour's, will do.
+        let (_, waiting) = self.waiting.remove(&peer).unwrap_or_default();
+        for open in waiting {
             self.route(peer, open);
+        }
+    }
+
+    fn dial_failed(&mut self, peer: PeerId, connection: ConnectionId, error: &DialError) {
+        let Some((ours, _)) = self.waiting.get_mut(&peer) else {
+            return;
+        };
+        let skipped = matches!(error, DialError::DialPeerConditionFalse(_));
+        match (*ours == Some(connection), skipped) {
+            // Ours was not made because another dial to the peer is under way: its
+            // outcome is ours.
+            (true, true) => {
+                *ours = None;
+                return;
+            }
+            // Another behaviour's dial skipped for ours, or failed while ours goes on.
+            (false, true) => return,
+            (false, false) if ours.is_some() => return,
+            // Our dial failed, or the dial we were relying on did.
+            _ => {}
+        }
+        let (_, waiting) = self.waiting.remove(&peer).unwrap_or_default();
+        for open in waiting {
+            let _ = open
+                .reply
+                .send(Err(OpenStreamError::Dial(error.to_string())));
         }
     }
 }
@@ -276,26 +318,20 @@ impl NetworkBehaviour for Behaviour {
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
         match event {
-            FromSwarm::ConnectionEstablished(e) => self.established(e.peer_id, e.connection_id),
+            FromSwarm::ConnectionEstablished(e) => {
+                self.established(e.peer_id, e.connection_id, e.endpoint.is_relayed())
+            }
             FromSwarm::ConnectionClosed(e) => {
                 if let Some(list) = self.connections.get_mut(&e.peer_id) {
-                    list.retain(|c| *c != e.connection_id);
+                    list.retain(|(c, _)| *c != e.connection_id);
                     if list.is_empty() {
                         self.connections.remove(&e.peer_id);
                     }
                 }
             }
             FromSwarm::DialFailure(e) => {
-                // Another behaviour's failed dial to the peer fails ours too: a
-                // dial in flight to the same peer would have met the same fate.
-                let Some(peer) = e.peer_id else { return };
-                if self.connections.contains_key(&peer) {
-                    return;
-                }
-                for open in self.waiting.remove(&peer).unwrap_or_default() {
-                    let _ = open
-                        .reply
-                        .send(Err(OpenStreamError::Dial(e.error.to_string())));
+                if let Some(peer) = e.peer_id {
+                    self.dial_failed(peer, e.connection_id, e.error);
                 }
             }
             _ => {}
@@ -543,11 +579,11 @@ mod tests {
             }
         });
 
-        client.dial(addr).expect("dial");
-        while !matches!(
-            client.select_next_some().await,
-            SwarmEvent::ConnectionEstablished { .. }
-        ) {}
+        // The stream is asked for while the dial is still under way: the behaviour's
+        // own dial is skipped for it, and the request waits for its connection.
+        client
+            .dial(addr.with_p2p(server_id).expect("a bare address"))
+            .expect("dial");
         let mut control = client.behaviour().new_control();
         let echoed = drive(&mut client, async {
             let mut stream = control.open_stream(server_id, ECHO).await?;

@@ -7,9 +7,10 @@ use std::{
     time::Duration,
 };
 
-use crate::streams::Control;
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{Multiaddr, PeerId};
+
+use crate::streams::Control;
 
 use super::{
     verdict::ProbeResult,

@@ -561,11 +561,28 @@ fn implementations(params: &NatParams) -> Vec<(&'static str, Mix)> {
 /// The name of the baseline's second run (`--calibrate`).
 const CALIBRATION: &str = "baseline, again";
 
-/// Which implementation takes turn `k` of trial `n`: the order rotates from trial
-/// to trial, so a slow stretch of the shared machine falls on every implementation
-/// alike, and none always runs right after the same other one.
-fn turn(n: usize, k: usize, implementations: usize) -> usize {
-    (n + k) % implementations
+/// Which implementation takes turn `k` of trial `n`, for `m` implementations: a
+/// Williams design. Trial orders are shifts of one sequence (0, 1, m-1, 2, m-2, ...)
+/// and, for an odd `m`, their mirror images too, so that over every `m` (even) or `2m`
+/// (odd) trials each implementation runs first equally often and each runs right after
+/// each other one equally often: whatever one trial leaves behind (a lab being torn
+/// down, a larger process exiting) falls on every implementation alike.
+fn turn(n: usize, k: usize, m: usize) -> usize {
+    let mut sequence = Vec::with_capacity(m);
+    let (mut low, mut high) = (0, m.saturating_sub(1));
+    while sequence.len() < m {
+        if sequence.len().is_multiple_of(2) {
+            sequence.push(low);
+            low += 1;
+        } else {
+            sequence.push(high);
+            high -= 1;
+        }
+    }
+    let rows = if m.is_multiple_of(2) { m } else { 2 * m };
+    let row = n % rows;
+    let at = if row >= m { m - 1 - k } else { k };
+    (sequence[at] + row % m) % m
 }
 
 /// Cell `a`'s time to a direct connection against the baseline cell `b`'s, judged
@@ -623,10 +640,10 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
     for (pairing, a, b, _) in selected(params) {
         let (pairing, a, b) = (*pairing, *a, *b);
         for transport in &params.transports {
-            // Trials take turns, one of each implementation after another, rather
-            // than one implementation's thirty after the other's: the machine's
-            // load drifts over minutes, and blocks would put the drift into the
-            // comparison.
+            // Trials take turns, one of each implementation after another (in the
+            // order `turn` gives), rather than one implementation's thirty after the
+            // other's: the machine's load drifts over minutes, and blocks would put
+            // the drift into the comparison.
             let mut outcomes = vec![Vec::new(); runs.len()];
             let mut setup_failures = vec![0; runs.len()];
             for n in 0..params.trials {
@@ -826,13 +843,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn turns_rotate_so_each_implementation_goes_first_in_turn() {
-        let firsts: Vec<usize> = (0..6).map(|n| turn(n, 0, 3)).collect();
-        assert_eq!(firsts, [0, 1, 2, 0, 1, 2]);
-        for n in 0..6 {
-            let mut order: Vec<usize> = (0..3).map(|k| turn(n, k, 3)).collect();
-            order.sort_unstable();
-            assert_eq!(order, [0, 1, 2], "trial {n} runs every implementation once");
+    fn turns_are_balanced_for_first_place_and_for_who_follows_whom() {
+        for m in 1..=5usize {
+            let rows = if m.is_multiple_of(2) { m } else { 2 * m };
+            let mut first = vec![0; m];
+            let mut follows = vec![vec![0; m]; m];
+            for n in 0..rows {
+                let order: Vec<usize> = (0..m).map(|k| turn(n, k, m)).collect();
+                let mut sorted = order.clone();
+                sorted.sort_unstable();
+                assert_eq!(
+                    sorted,
+                    (0..m).collect::<Vec<_>>(),
+                    "trial {n} runs each once"
+                );
+                first[order[0]] += 1;
+                for pair in order.windows(2) {
+                    follows[pair[0]][pair[1]] += 1;
+                }
+            }
+            assert!(first.iter().all(|&f| f == first[0]), "m = {m}: {first:?}");
+            let counts: Vec<usize> = (0..m)
+                .flat_map(|a| (0..m).filter(move |&b| b != a).map(move |b| (a, b)))
+                .map(|(a, b)| follows[a][b])
+                .collect();
+            assert!(
+                counts.iter().all(|&c| c == counts[0]),
+                "m = {m}: {follows:?}"
+            );
         }
     }
 
