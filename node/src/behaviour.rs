@@ -23,7 +23,9 @@ use prometheus_client::registry::Registry;
 use crate::{
     codecs::{FileCodec, SearchCodec, FILE_PROTOCOL, SEARCH_PROTOCOL},
     config::Config,
-    deny, keep_alive,
+    deny,
+    flat_protocols::Flat,
+    keep_alive,
     provider_store::ProviderStore,
     reach,
     relayed_hold::Held,
@@ -53,10 +55,17 @@ pub const SEARCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long Kademlia keeps a remote provider record without a re-announcement.
 pub const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(6 * 3600);
 
+/// Everything the node speaks, as the swarm runs it: [`Protocols`] with their
+/// inbound protocol names offered as one flat list (see [`crate::flat_protocols`]).
+pub type Behaviour = Flat<Protocols>;
+
+/// What [`Behaviour`] reports: one variant per member of [`Protocols`].
+pub type BehaviourEvent = ProtocolsEvent;
+
 /// Everything the node speaks. Servant's own protocols are [`Held`] on relayed
 /// connections for a moment, so DCUtR goes first.
 #[derive(NetworkBehaviour)]
-pub struct Behaviour {
+pub struct Protocols {
     /// Refuses denied PeerIds and IP ranges; closes live connections on a new ban.
     pub deny: deny::Behaviour,
     /// Hard caps on established and pending connections.
@@ -100,7 +109,7 @@ pub struct BehaviourError {
     reason: String,
 }
 
-impl Behaviour {
+impl Protocols {
     /// Builds every protocol from the node's config.
     pub fn new(
         key: &Keypair,
@@ -161,7 +170,7 @@ impl Behaviour {
             floods,
         );
 
-        Ok(Behaviour {
+        Ok(Protocols {
             deny: deny::Behaviour::new(deny_list),
             limits: connection_limits::Behaviour::new(limits),
             ip_limits: crate::ip_limits::Behaviour::new(config.max_connections_per_ip),

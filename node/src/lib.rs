@@ -33,6 +33,7 @@ pub mod duplicates;
 pub mod event_loop;
 pub mod fetch;
 pub mod files;
+pub mod flat_protocols;
 pub mod gossip_budget;
 pub mod http_server;
 pub mod identity;

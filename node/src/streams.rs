@@ -14,6 +14,9 @@
 //! none), and that connection's handler asks for an outbound stream and answers the
 //! request with it. Inbound streams are offered to the protocols registered with
 //! [`Control::accept`]; with no one accepting, the protocol is not offered at all.
+//! Each handler keeps its own copy of the accepted protocols, which the behaviour
+//! refreshes with a command whenever one is accepted or given up: a handler's
+//! protocols change only through a call into it, as [`crate::flat_protocols`] needs.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -81,6 +84,24 @@ fn lock(
     acceptors.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What a [`Control`] asks of the behaviour.
+#[derive(Debug)]
+enum Request {
+    /// A stream to a peer.
+    Open(PeerId, Open),
+    /// The accepted protocols changed: tell every connection.
+    Refresh,
+}
+
+/// A command to one connection's handler.
+#[derive(Debug)]
+pub enum In {
+    /// Open a stream.
+    Open(Open),
+    /// The protocols accepted from now on.
+    Protocols(Vec<StreamProtocol>),
+}
+
 /// One request for an outbound stream.
 #[derive(Debug)]
 pub struct Open {
@@ -91,7 +112,7 @@ pub struct Open {
 /// A handle for opening and accepting streams; cheap to clone.
 #[derive(Clone)]
 pub struct Control {
-    requests: mpsc::UnboundedSender<(PeerId, Open)>,
+    requests: mpsc::UnboundedSender<Request>,
     acceptors: Acceptors,
 }
 
@@ -111,7 +132,7 @@ impl Control {
     ) -> Result<Stream, OpenStreamError> {
         let (reply, answer) = oneshot::channel();
         self.requests
-            .unbounded_send((peer, Open { protocol, reply }))
+            .unbounded_send(Request::Open(peer, Open { protocol, reply }))
             .map_err(|_| OpenStreamError::Stopped)?;
         answer.await.unwrap_or_else(|_| {
             Err(OpenStreamError::Io(
@@ -130,13 +151,30 @@ impl Control {
         }
         let (sender, receiver) = mpsc::channel(ACCEPT_QUEUE);
         acceptors.insert(protocol, sender);
-        Ok(IncomingStreams(receiver))
+        // A node shutting down has no connections left to tell.
+        let _ = self.requests.unbounded_send(Request::Refresh);
+        Ok(IncomingStreams {
+            receiver,
+            requests: self.requests.clone(),
+        })
     }
 }
 
-/// Inbound streams of one accepted protocol.
+/// Inbound streams of one accepted protocol; dropping it stops accepting.
 #[derive(Debug)]
-pub struct IncomingStreams(mpsc::Receiver<(PeerId, Stream)>);
+pub struct IncomingStreams {
+    receiver: mpsc::Receiver<(PeerId, Stream)>,
+    /// For the refresh that withdraws the protocol when this is dropped.
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+impl Drop for IncomingStreams {
+    fn drop(&mut self) {
+        // Closed first, so that the behaviour's refresh sees the protocol gone.
+        self.receiver.close();
+        let _ = self.requests.unbounded_send(Request::Refresh);
+    }
+}
 
 impl futures::Stream for IncomingStreams {
     type Item = (PeerId, Stream);
@@ -145,16 +183,18 @@ impl futures::Stream for IncomingStreams {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Self::Item>> {
-        self.0.poll_next_unpin(cx)
+        self.receiver.poll_next_unpin(cx)
     }
 }
 
 /// The behaviour: routes each request to a connection of its peer.
 pub struct Behaviour {
-    requests: mpsc::UnboundedReceiver<(PeerId, Open)>,
+    requests: mpsc::UnboundedReceiver<Request>,
     /// Kept so that [`Behaviour::new_control`] can hand out more senders.
-    sender: mpsc::UnboundedSender<(PeerId, Open)>,
+    sender: mpsc::UnboundedSender<Request>,
     acceptors: Acceptors,
+    /// The protocols accepted, as every handler was last told.
+    accepted: Vec<StreamProtocol>,
     /// The open connections of each peer, oldest first, and whether each is relayed;
     /// entries leave when connections close.
     connections: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
@@ -162,7 +202,7 @@ pub struct Behaviour {
     /// for another dial already under way); they leave when the dial ends either way.
     waiting: HashMap<PeerId, (Option<ConnectionId>, Vec<Open>)>,
     /// What the behaviour has to tell the swarm.
-    to_swarm: VecDeque<ToSwarm<Infallible, Open>>,
+    to_swarm: VecDeque<ToSwarm<Infallible, In>>,
 }
 
 impl fmt::Debug for Behaviour {
@@ -188,6 +228,7 @@ impl Behaviour {
             requests,
             sender,
             acceptors: Acceptors::default(),
+            accepted: Vec::new(),
             connections: HashMap::new(),
             waiting: HashMap::new(),
             to_swarm: VecDeque::new(),
@@ -224,7 +265,7 @@ impl Behaviour {
             self.to_swarm.push_back(ToSwarm::NotifyHandler {
                 peer_id: peer,
                 handler: NotifyHandler::One(connection),
-                event: open,
+                event: In::Open(open),
             });
             return;
         }
@@ -248,7 +289,33 @@ impl Behaviour {
         Handler {
             peer,
             acceptors: self.acceptors.clone(),
+            accepted: self.accepted.clone(),
             requested: VecDeque::new(),
+        }
+    }
+
+    /// Reads the accepted protocols afresh and, if they changed, tells every open
+    /// connection.
+    fn refresh(&mut self) {
+        let mut accepted: Vec<StreamProtocol> = lock(&self.acceptors)
+            .iter()
+            .filter(|(_, sender)| !sender.is_closed())
+            .map(|(protocol, _)| protocol.clone())
+            .collect();
+        // The map's order is arbitrary; a stable order keeps equal sets equal.
+        accepted.sort_by(|a, b| a.as_ref().cmp(b.as_ref()));
+        if accepted == self.accepted {
+            return;
+        }
+        self.accepted = accepted;
+        for (&peer, connections) in &self.connections {
+            for &(connection, _) in connections {
+                self.to_swarm.push_back(ToSwarm::NotifyHandler {
+                    peer_id: peer,
+                    handler: NotifyHandler::One(connection),
+                    event: In::Protocols(self.accepted.clone()),
+                });
+            }
         }
     }
 
@@ -351,8 +418,11 @@ impl NetworkBehaviour for Behaviour {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        while let Poll::Ready(Some((peer, open))) = self.requests.poll_next_unpin(cx) {
-            self.route(peer, open);
+        while let Poll::Ready(Some(request)) = self.requests.poll_next_unpin(cx) {
+            match request {
+                Request::Open(peer, open) => self.route(peer, open),
+                Request::Refresh => self.refresh(),
+            }
         }
         match self.to_swarm.pop_front() {
             Some(event) => Poll::Ready(event),
@@ -400,6 +470,8 @@ pub struct Handler {
     /// The peer at the other end, named to whoever accepts its streams.
     peer: PeerId,
     acceptors: Acceptors,
+    /// The protocols offered to the peer, as the behaviour last said.
+    accepted: Vec<StreamProtocol>,
     /// Requests not yet turned into stream requests to the swarm.
     requested: VecDeque<Open>,
 }
@@ -413,7 +485,7 @@ impl fmt::Debug for Handler {
 }
 
 impl ConnectionHandler for Handler {
-    type FromBehaviour = Open;
+    type FromBehaviour = In;
     type ToBehaviour = Infallible;
     type InboundProtocol = Upgrade;
     type OutboundProtocol = Upgrade;
@@ -421,12 +493,7 @@ impl ConnectionHandler for Handler {
     type OutboundOpenInfo = Open;
 
     fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol> {
-        let protocols = lock(&self.acceptors)
-            .iter()
-            .filter(|(_, sender)| !sender.is_closed())
-            .map(|(protocol, _)| protocol.clone())
-            .collect();
-        SubstreamProtocol::new(Upgrade(protocols), ())
+        SubstreamProtocol::new(Upgrade(self.accepted.clone()), ())
     }
 
     fn connection_keep_alive(&self) -> bool {
@@ -435,8 +502,11 @@ impl ConnectionHandler for Handler {
         !self.requested.is_empty()
     }
 
-    fn on_behaviour_event(&mut self, open: Open) {
-        self.requested.push_back(open);
+    fn on_behaviour_event(&mut self, command: In) {
+        match command {
+            In::Open(open) => self.requested.push_back(open),
+            In::Protocols(accepted) => self.accepted = accepted,
+        }
     }
 
     fn poll(
@@ -640,5 +710,85 @@ mod tests {
         .await;
         assert!(closed.is_ok(), "the connection closed within 10 s");
         assert_eq!(client.behaviour().tracked(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_protocol_accepted_or_given_up_on_a_live_connection_is_offered_or_withdrawn() {
+        // The server runs as the node does, behind the flat protocol list, so a
+        // change that reached the list only by a shared map would trip its check.
+        let mut server = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                Default::default(),
+                libp2p::noise::Config::new,
+                libp2p::yamux::Config::default,
+            )
+            .expect("tcp transport")
+            .with_behaviour(|_| crate::flat_protocols::Flat::new(Behaviour::new()))
+            .expect("behaviour")
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        let mut client = swarm();
+        let server_id = *server.local_peer_id();
+        server
+            .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
+            .expect("listen");
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = server.select_next_some().await {
+                break address;
+            }
+        };
+        let mut server_control = server.behaviour().new_control();
+        tokio::spawn(async move {
+            loop {
+                server.select_next_some().await;
+            }
+        });
+        client
+            .dial(addr.with_p2p(server_id).expect("a bare address"))
+            .expect("dial");
+        let mut control = client.behaviour().new_control();
+        let before = drive(&mut client, control.open_stream(server_id, ELSE)).await;
+        assert_eq!(
+            before.err(),
+            Some(OpenStreamError::UnsupportedProtocol(ELSE)),
+            "nothing accepted yet"
+        );
+
+        // Accepted while the connection is up: the connection offers it.
+        let mut incoming = server_control.accept(ELSE).expect("accept");
+        let opened = drive(&mut client, async {
+            // The refresh reaches the server's handler a moment after `accept`.
+            for _ in 0..100 {
+                match control.open_stream(server_id, ELSE).await {
+                    Err(OpenStreamError::UnsupportedProtocol(_)) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    other => return other,
+                }
+            }
+            Err(OpenStreamError::UnsupportedProtocol(ELSE))
+        })
+        .await;
+        assert!(opened.is_ok(), "{:?}", opened.err());
+        let arrived = tokio::time::timeout(Duration::from_secs(10), incoming.next()).await;
+        assert!(
+            matches!(arrived, Ok(Some(_))),
+            "the acceptor got the stream"
+        );
+
+        // Given up: the connection stops offering it.
+        drop(incoming);
+        let withdrawn = drive(&mut client, async {
+            for _ in 0..100 {
+                match control.open_stream(server_id, ELSE).await {
+                    Err(OpenStreamError::UnsupportedProtocol(p)) => return Some(p),
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            None
+        })
+        .await;
+        assert_eq!(withdrawn, Some(ELSE));
     }
 }

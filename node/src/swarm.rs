@@ -18,9 +18,10 @@ use libp2p::{
 use prometheus_client::registry::Registry;
 
 use crate::{
-    behaviour::Behaviour,
+    behaviour::{Behaviour, Protocols},
     config::Config,
     deny::DenyList,
+    flat_protocols::Flat,
     relay_throttle::RelayThrottle,
     stream_count::{self, StreamGauge},
 };
@@ -76,7 +77,8 @@ pub fn build(
         .map_err(|e| SwarmError::Tcp(e.to_string()))?
         .with_bandwidth_metrics(registry)
         .with_behaviour(|key, relay_client| {
-            Behaviour::new(key, config, deny_list, relay_client, registry)
+            Protocols::new(key, config, deny_list, relay_client, registry)
+                .map(Flat::new)
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         })
         .map_err(|e| SwarmError::Setup(e.to_string()))?;
