@@ -2,7 +2,10 @@
 //!
 //! Order matters: the swarm asks each behaviour in field order whether to accept a
 //! connection, so the deny list and the limits come first and refuse a connection
-//! before any protocol sets up state for it.
+//! before any protocol sets up state for it. It also polls them in field order and
+//! hands over the first one's event before asking the next, so the relay and DCUtR
+//! come next: a circuit being set up or a hole punch's dial does not wait behind the
+//! events that Kademlia, identify and gossipsub make of the same new connection.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -74,6 +77,12 @@ pub struct Protocols {
     pub ip_limits: crate::ip_limits::Behaviour,
     /// Keeps connections open until the peer manager trims them.
     pub keep_alive: keep_alive::Behaviour,
+    /// Circuit relay v2 server; it offers the hop protocol only on super-peers.
+    pub relay: relay::Behaviour,
+    /// Circuit relay v2 client: reservations on super-peers, relayed dials.
+    pub relay_client: relay::client::Behaviour,
+    /// Upgrades relayed connections to direct ones by hole punching.
+    pub dcutr: dcutr::Behaviour,
     /// Exchanges listen addresses, protocols and versions; feeds Kademlia.
     pub identify: Held<identify::Behaviour>,
     /// Liveness and round-trip time.
@@ -91,12 +100,6 @@ pub struct Protocols {
     pub stream: crate::streams::Behaviour,
     /// AutoNAT v2 server, throttled: dials peers back so they learn their reachability.
     pub autonat: reach::server::Behaviour,
-    /// Circuit relay v2 server; it offers the hop protocol only on super-peers.
-    pub relay: relay::Behaviour,
-    /// Circuit relay v2 client: reservations on super-peers, relayed dials.
-    pub relay_client: relay::client::Behaviour,
-    /// Upgrades relayed connections to direct ones by hole punching.
-    pub dcutr: dcutr::Behaviour,
     /// Port mapping on the local gateway by UPnP, unless turned off (`--no-upnp`).
     pub upnp: Toggle<crate::upnp::Behaviour>,
 }

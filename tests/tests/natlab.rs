@@ -922,10 +922,14 @@ fn the_nat_bench_runs_its_cells_in_turns_and_compares_them() -> Result<()> {
         return Ok(());
     }
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nat-smoke.json");
+    // The build beside the bench stands in for "another build" of Servant.
+    let servant = servant_bin();
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_servant-bench"))
         .args(["nat", "--trials", "2", "--transports", "tcp", "--calibrate"])
         .args(["--pairings", "port-restricted/port-restricted", "--out"])
         .arg(&out)
+        .arg("--other-servant")
+        .arg(&servant)
         .status()
         .context("run servant-bench nat")?;
     assert!(status.success(), "servant-bench nat: {status}");
@@ -935,7 +939,15 @@ fn the_nat_bench_runs_its_cells_in_turns_and_compares_them() -> Result<()> {
         .iter()
         .filter_map(|c| c["implementation"].as_str())
         .collect();
-    assert_eq!(names, ["servant", "baseline", "baseline, again"]);
+    assert_eq!(
+        names,
+        [
+            "servant",
+            "baseline",
+            "baseline, again",
+            "servant, other build"
+        ]
+    );
     for c in cells {
         println!(
             "checked: {} went direct in {} of {} trials, median {} ms",
@@ -949,7 +961,10 @@ fn the_nat_bench_runs_its_cells_in_turns_and_compares_them() -> Result<()> {
         .iter()
         .filter_map(|c| c["implementation"].as_str())
         .collect();
-    assert_eq!(compared, ["servant", "baseline, again"]);
+    assert_eq!(
+        compared,
+        ["servant", "baseline, again", "servant, other build"]
+    );
     let table = std::fs::read_to_string(out.with_extension("txt"))?;
     assert!(table.contains("95% interval"), "{table}");
     Ok(())

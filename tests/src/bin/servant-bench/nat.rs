@@ -63,6 +63,13 @@ pub struct NatParams {
     #[arg(long, default_value_t = 5.0)]
     #[serde(default = "default_margin_pct")]
     pub margin_pct: f64,
+    /// Also run another build of `servant` (this path) as an implementation of its
+    /// own ("servant, other build"), taking its turns with the others and compared
+    /// with the baseline like Servant: a change measured against the build before
+    /// it in one run.
+    #[arg(long)]
+    #[serde(default)]
+    pub other_servant: Option<PathBuf>,
 }
 
 fn default_margin_pct() -> f64 {
@@ -217,6 +224,8 @@ fn build_lab(dir: &Path, a: Nat, b: Nat, delay_ms: f64) -> Result<(Lab, String, 
 struct Mix {
     servant_relay: bool,
     servant_peers: bool,
+    /// Servant's nodes run `--other-servant`, not the build beside this binary.
+    other_build: bool,
 }
 
 impl Mix {
@@ -229,6 +238,7 @@ impl Mix {
             Mix {
                 servant_relay: true,
                 servant_peers: true,
+                other_build: false,
             },
         ),
         (
@@ -236,6 +246,7 @@ impl Mix {
             Mix {
                 servant_relay: false,
                 servant_peers: false,
+                other_build: false,
             },
         ),
         (
@@ -243,6 +254,7 @@ impl Mix {
             Mix {
                 servant_relay: false,
                 servant_peers: true,
+                other_build: false,
             },
         ),
         (
@@ -250,6 +262,7 @@ impl Mix {
             Mix {
                 servant_relay: true,
                 servant_peers: false,
+                other_build: false,
             },
         ),
     ];
@@ -261,10 +274,10 @@ async fn start_relay(
     dir: &Path,
     relay: &str,
     transport: &str,
-    servant: bool,
+    servant: Option<&Path>,
     wait_for_api: bool,
 ) -> Result<String> {
-    if !servant {
+    let Some(bin) = servant else {
         let id_file = dir.join("relay.id");
         let _ = std::fs::remove_file(&id_file);
         lab.spawn(
@@ -282,11 +295,10 @@ async fn start_relay(
         )?;
         let relay_id = read_when_ready(&id_file, Duration::from_secs(10)).await?;
         return Ok(format!("{}/p2p/{relay_id}", relay_addr(transport)));
-    }
-    let bin = servant_bin()?;
+    };
     let key = dir.join("relay.key");
     let _ = std::fs::remove_file(&key);
-    let generated = std::process::Command::new(&bin)
+    let generated = std::process::Command::new(bin)
         .args(["key", "generate", "--out"])
         .arg(&key)
         .output()?;
@@ -294,7 +306,7 @@ async fn start_relay(
     lab.spawn(
         relay,
         "relay",
-        &bin,
+        bin,
         &servant_args(
             dir,
             "relay",
@@ -350,19 +362,25 @@ async fn trial(
     (a, b): (Nat, Nat),
     mix: Mix,
     delay_ms: f64,
+    bins: &Bins,
 ) -> Result<Outcome> {
+    let bin = if mix.other_build {
+        bins.other.as_deref().unwrap_or(&bins.servant)
+    } else {
+        &bins.servant
+    };
     let (mut lab, relay, pa, pb) = build_lab(dir, a, b, delay_ms)?;
     let relay_full = start_relay(
         &mut lab,
         dir,
         &relay,
         transport,
-        mix.servant_relay,
+        mix.servant_relay.then_some(bin),
         !mix.servant_peers,
     )
     .await?;
     if mix.servant_peers {
-        servant_peers(&mut lab, dir, transport, &pa, &pb, &relay_full).await
+        servant_peers(&mut lab, dir, transport, &pa, &pb, &relay_full, bin).await
     } else {
         bare_peers(&mut lab, dir, transport, &pa, &pb, &relay_full).await
     }
@@ -439,6 +457,14 @@ async fn reach(ns: &str) -> Result<serde_json::Value> {
     )?)
 }
 
+/// The `servant` builds a run starts.
+struct Bins {
+    /// Beside this binary.
+    servant: PathBuf,
+    /// `--other-servant`.
+    other: Option<PathBuf>,
+}
+
 /// The servant binary beside this one (`cargo build --release -p servant`).
 fn servant_bin() -> Result<PathBuf> {
     let bin = std::env::current_exe()?.with_file_name("servant");
@@ -458,8 +484,8 @@ async fn servant_peers(
     pa: &str,
     pb: &str,
     boot: &str,
+    bin: &Path,
 ) -> Result<Outcome> {
-    let bin = servant_bin()?;
     let peer = |name: &str| {
         servant_args(
             dir,
@@ -468,8 +494,8 @@ async fn servant_peers(
             &["--role", "peer", "--bootnode", boot, "--conn-low", "1"],
         )
     };
-    lab.spawn(pb, "pb", &bin, &peer("pb"))?;
-    lab.spawn(pa, "pa", &bin, &peer("pa"))?;
+    lab.spawn(pb, "pb", bin, &peer("pb"))?;
+    lab.spawn(pa, "pa", bin, &peer("pa"))?;
     // pb's circuit address, once its reservation is accepted.
     let deadline = Instant::now() + Duration::from_secs(20);
     let target = loop {
@@ -555,8 +581,20 @@ fn implementations(params: &NatParams) -> Vec<(&'static str, Mix)> {
     if params.mixed {
         v.extend_from_slice(&Mix::ALL[2..]);
     }
+    if params.other_servant.is_some() {
+        v.push((
+            OTHER_BUILD,
+            Mix {
+                other_build: true,
+                ..Mix::ALL[0].1
+            },
+        ));
+    }
     v
 }
+
+/// The name of `--other-servant`'s implementation.
+const OTHER_BUILD: &str = "servant, other build";
 
 /// The name of the baseline's second run (`--calibrate`).
 const CALIBRATION: &str = "baseline, again";
@@ -632,6 +670,15 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
             params.delay_ms
         );
     }
+    let bins = Bins {
+        servant: servant_bin()?,
+        other: params.other_servant.clone(),
+    };
+    if let Some(other) = &bins.other {
+        if !other.is_file() {
+            bail!("--other-servant {}: no such file", other.display());
+        }
+    }
     let work = tempfile::tempdir()?;
     // SERVANT_BENCH_KEEP=1 keeps every trial's logs (and says where).
     let keep = std::env::var_os("SERVANT_BENCH_KEEP").is_some();
@@ -656,7 +703,7 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                         implementation.replace([' ', ','], "")
                     ));
                     std::fs::create_dir_all(&dir)?;
-                    let outcome = trial(&dir, transport, (a, b), mix, params.delay_ms).await;
+                    let outcome = trial(&dir, transport, (a, b), mix, params.delay_ms, &bins).await;
                     let outcome = outcome.unwrap_or_else(|e| {
                         setup_failures[i] += 1;
                         Outcome {
@@ -758,6 +805,13 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
             // verdict above would say of two runs of the same code.
             if let Some(c) = find(CALIBRATION).and_then(|a| compare(a, b, params.margin_pct)) {
                 let mut row = difference_row(pairing, transport, &c, "calibration");
+                row[5] = if c.no_worse { "(pass)" } else { "(fail)" }.into();
+                lines.push(row);
+                comparisons.push(c);
+            }
+            // The other build, judged as Servant is: not a target, a comparison.
+            if let Some(c) = find(OTHER_BUILD).and_then(|a| compare(a, b, params.margin_pct)) {
+                let mut row = difference_row(pairing, transport, &c, "other build");
                 row[5] = if c.no_worse { "(pass)" } else { "(fail)" }.into();
                 lines.push(row);
                 comparisons.push(c);
@@ -924,6 +978,7 @@ mod tests {
             delay_ms: 0.0,
             calibrate: false,
             margin_pct: 5.0,
+            other_servant: None,
         };
         let names = |p: &NatParams| {
             implementations(p)
@@ -944,5 +999,11 @@ mod tests {
                 "bare peers, servant relay"
             ]
         );
+        params.other_servant = Some(PathBuf::from("/elsewhere/servant"));
+        let all = implementations(&params);
+        assert_eq!(all.last().map(|(n, _)| *n), Some(OTHER_BUILD));
+        assert!(all
+            .iter()
+            .all(|(n, mix)| mix.other_build == (*n == OTHER_BUILD)));
     }
 }
