@@ -2,10 +2,11 @@
 //!
 //! Order matters: the swarm asks each behaviour in field order whether to accept a
 //! connection, so the deny list and the limits come first and refuse a connection
-//! before any protocol sets up state for it. It also polls them in field order and
-//! hands over the first one's event before asking the next, so the relay and DCUtR
-//! come next: a circuit being set up or a hole punch's dial does not wait behind the
-//! events that Kademlia, identify and gossipsub make of the same new connection.
+//! before any protocol sets up state for it; gossipsub, which refuses peers cut off
+//! for flooding, comes right after them. The swarm also polls the members in field
+//! order and hands over the first one's event before asking the next, so the relay and
+//! DCUtR come next: a circuit being set up or a hole punch's dial does not wait behind
+//! the events that Kademlia and identify make of the same new connection.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -77,6 +78,12 @@ pub struct Protocols {
     pub ip_limits: crate::ip_limits::Behaviour,
     /// Keeps connections open until the peer manager trims them.
     pub keep_alive: keep_alive::Behaviour,
+    /// Broadcast: signed messages, content-hash ids, validation by the node, scoring,
+    /// and a per-peer budget for control traffic. It refuses peers cut off for
+    /// flooding, so it comes before every member that keeps state about a connection
+    /// once accepted (DCUtR would count a refused direct connection as a success).
+    /// No member after it may refuse an established connection.
+    pub gossipsub: Held<crate::gossip_budget::Budgeted>,
     /// Circuit relay v2 server; it offers the hop protocol only on super-peers.
     pub relay: relay::Behaviour,
     /// Circuit relay v2 client: reservations on super-peers, relayed dials.
@@ -89,9 +96,6 @@ pub struct Protocols {
     pub ping: Held<ping::Behaviour>,
     /// Peer discovery on Servant's private DHT.
     pub kad: Held<kad::Behaviour<ProviderStore>>,
-    /// Broadcast: signed messages, content-hash ids, validation by the node, scoring,
-    /// and a per-peer budget for control traffic.
-    pub gossipsub: Held<crate::gossip_budget::Budgeted>,
     /// Manifests and chunks, `/servant/file/1.0.0`.
     pub file: Held<request_response::Behaviour<FileCodec>>,
     /// Queries with a time-to-live and their hits, `/servant/search/1.0.0`.

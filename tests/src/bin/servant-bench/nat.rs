@@ -670,15 +670,18 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
             params.delay_ms
         );
     }
+    // Made absolute: a bare name would be looked up in PATH when the trials start it.
+    let other = match &params.other_servant {
+        Some(path) => Some(
+            std::fs::canonicalize(path)
+                .map_err(|e| anyhow::anyhow!("--other-servant {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
     let bins = Bins {
         servant: servant_bin()?,
-        other: params.other_servant.clone(),
+        other,
     };
-    if let Some(other) = &bins.other {
-        if !other.is_file() {
-            bail!("--other-servant {}: no such file", other.display());
-        }
-    }
     let work = tempfile::tempdir()?;
     // SERVANT_BENCH_KEEP=1 keeps every trial's logs (and says where).
     let keep = std::env::var_os("SERVANT_BENCH_KEEP").is_some();
