@@ -23,7 +23,7 @@
 //! every call, so a behaviour that breaks the rule fails the tests.
 
 use std::{
-    cell::{Cell, RefCell},
+    cell::RefCell,
     future::Ready,
     ops::{Deref, DerefMut},
     sync::Arc,
@@ -182,9 +182,6 @@ pub struct FlatHandler<H> {
     /// The names of `inner`'s inbound protocols as last read; `None` once something
     /// may have changed them. Filled by `listen_protocol`, which takes `&self`.
     names: RefCell<Option<Names>>,
-    /// Inbound streams refused because the list named a protocol the handler no
-    /// longer had (never seen unless a behaviour breaks the rule in the module docs).
-    stale_refusals: Cell<u64>,
 }
 
 impl<H> FlatHandler<H> {
@@ -192,7 +189,6 @@ impl<H> FlatHandler<H> {
         FlatHandler {
             inner,
             names: RefCell::new(None),
-            stale_refusals: Cell::new(0),
         }
     }
 
@@ -286,8 +282,8 @@ impl<H: ConnectionHandler> ConnectionHandler for FlatHandler<H> {
                     FlatError::Inner(error) => {
                         ConnectionEvent::ListenUpgradeError(ListenUpgradeError { info, error })
                     }
+                    // Never seen unless a behaviour breaks the rule in the module docs.
                     FlatError::Unlisted(name) => {
-                        self.stale_refusals.set(self.stale_refusals.get() + 1);
                         tracing::debug!(
                             protocol = name.as_ref(),
                             "inbound stream for a protocol the handler no longer offers"

@@ -578,6 +578,11 @@ mod tests {
     const ELSE: StreamProtocol = StreamProtocol::new("/servant/test/else");
 
     fn swarm() -> Swarm<Behaviour> {
+        swarm_of(Behaviour::new)
+    }
+
+    /// A swarm on TCP running the behaviour `make` builds.
+    fn swarm_of<B: NetworkBehaviour>(make: impl FnOnce() -> B) -> Swarm<B> {
         libp2p::SwarmBuilder::with_new_identity()
             .with_tokio()
             .with_tcp(
@@ -586,7 +591,7 @@ mod tests {
                 libp2p::yamux::Config::default,
             )
             .expect("tcp transport")
-            .with_behaviour(|_| Behaviour::new())
+            .with_behaviour(|_| make())
             .expect("behaviour")
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
             .build()
@@ -716,18 +721,7 @@ mod tests {
     async fn a_protocol_accepted_or_given_up_on_a_live_connection_is_offered_or_withdrawn() {
         // The server runs as the node does, behind the flat protocol list, so a
         // change that reached the list only by a shared map would trip its check.
-        let mut server = libp2p::SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(
-                Default::default(),
-                libp2p::noise::Config::new,
-                libp2p::yamux::Config::default,
-            )
-            .expect("tcp transport")
-            .with_behaviour(|_| crate::flat_protocols::Flat::new(Behaviour::new()))
-            .expect("behaviour")
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build();
+        let mut server = swarm_of(|| crate::flat_protocols::Flat::new(Behaviour::new()));
         let mut client = swarm();
         let server_id = *server.local_peer_id();
         server
