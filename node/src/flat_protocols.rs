@@ -25,134 +25,37 @@
 use std::{
     cell::RefCell,
     future::Ready,
-    ops::{Deref, DerefMut},
     sync::Arc,
     task::{Context, Poll},
 };
 
 use futures::{future::Either, TryFutureExt};
 use libp2p::{
-    core::{
-        transport::PortUse,
-        upgrade::{InboundUpgrade, UpgradeInfo},
-        Endpoint,
-    },
+    core::upgrade::{InboundUpgrade, UpgradeInfo},
     swarm::{
         handler::{
             ConnectionEvent, FullyNegotiatedInbound, InboundUpgradeSend, ListenUpgradeError,
             UpgradeInfoSend,
         },
-        ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
-        NetworkBehaviour, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+        ConnectionHandler, ConnectionHandlerEvent, SubstreamProtocol,
     },
-    Multiaddr, PeerId, Stream,
+    Multiaddr, Stream,
 };
+
+use crate::wrapped::{Wrap, Wrapped};
 
 /// A behaviour whose connection handlers list their inbound protocols flat; derefs
 /// to the behaviour.
-pub struct Flat<B> {
-    inner: B,
-}
+pub type Flat<B> = Wrapped<B, FlatList>;
 
-impl<B> Flat<B> {
-    /// Wraps `inner`.
-    pub fn new(inner: B) -> Self {
-        Flat { inner }
-    }
-}
+/// The [`Wrap`] of [`Flat`]: every connection's handler, relayed or direct.
+pub struct FlatList;
 
-impl<B> Deref for Flat<B> {
-    type Target = B;
-    fn deref(&self) -> &B {
-        &self.inner
-    }
-}
+impl Wrap for FlatList {
+    type Handler<H: ConnectionHandler> = FlatHandler<H>;
 
-impl<B> DerefMut for Flat<B> {
-    fn deref_mut(&mut self) -> &mut B {
-        &mut self.inner
-    }
-}
-
-impl<B: NetworkBehaviour> NetworkBehaviour for Flat<B> {
-    type ConnectionHandler = FlatHandler<THandler<B>>;
-    type ToSwarm = B::ToSwarm;
-
-    fn handle_pending_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<(), ConnectionDenied> {
-        self.inner
-            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
-    }
-
-    fn handle_established_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.inner
-            .handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)
-            .map(FlatHandler::new)
-    }
-
-    fn handle_pending_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        maybe_peer: Option<PeerId>,
-        addresses: &[Multiaddr],
-        effective_role: Endpoint,
-    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
-        self.inner.handle_pending_outbound_connection(
-            connection_id,
-            maybe_peer,
-            addresses,
-            effective_role,
-        )
-    }
-
-    fn handle_established_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        addr: &Multiaddr,
-        role_override: Endpoint,
-        port_use: PortUse,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.inner
-            .handle_established_outbound_connection(
-                connection_id,
-                peer,
-                addr,
-                role_override,
-                port_use,
-            )
-            .map(FlatHandler::new)
-    }
-
-    fn on_swarm_event(&mut self, event: FromSwarm) {
-        self.inner.on_swarm_event(event);
-    }
-
-    fn on_connection_handler_event(
-        &mut self,
-        peer_id: PeerId,
-        connection_id: ConnectionId,
-        event: THandlerOutEvent<Self>,
-    ) {
-        self.inner
-            .on_connection_handler_event(peer_id, connection_id, event);
-    }
-
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        self.inner.poll(cx)
+    fn wrap<H: ConnectionHandler>(handler: H, _: &Multiaddr) -> FlatHandler<H> {
+        FlatHandler::new(handler)
     }
 }
 

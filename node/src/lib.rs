@@ -65,6 +65,7 @@ pub mod swarm;
 pub mod token_bucket;
 pub mod traversal;
 pub mod upnp;
+pub mod wrapped;
 
 pub use client::Client;
 pub use config::Config;

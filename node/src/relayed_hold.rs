@@ -15,22 +15,20 @@
 use std::{
     collections::VecDeque,
     future::Future,
-    ops::{Deref, DerefMut},
     pin::Pin,
     task::{Context, Poll},
     time::Duration,
 };
 
 use libp2p::{
-    core::{transport::PortUse, Endpoint},
     multiaddr::Protocol,
     swarm::{
-        handler::ConnectionEvent, ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent,
-        ConnectionId, FromSwarm, NetworkBehaviour, SubstreamProtocol, THandler, THandlerInEvent,
-        THandlerOutEvent, ToSwarm,
+        handler::ConnectionEvent, ConnectionHandler, ConnectionHandlerEvent, SubstreamProtocol,
     },
-    Multiaddr, PeerId,
+    Multiaddr,
 };
+
+use crate::wrapped::{Wrap, Wrapped};
 
 /// How long outbound streams wait on a new relayed connection: a hole punch in the lab
 /// takes about 5 ms; across the internet its first attempt is a few round trips.
@@ -46,112 +44,16 @@ fn is_relayed(addr: &Multiaddr) -> bool {
 
 /// A behaviour whose outbound streams wait [`HOLD`] on relayed connections; derefs to
 /// the behaviour.
-pub struct Held<B> {
-    inner: B,
-}
+pub type Held<B> = Wrapped<B, HoldOnRelayed>;
 
-impl<B> Held<B> {
-    /// Wraps `inner`.
-    pub fn new(inner: B) -> Self {
-        Held { inner }
-    }
-}
+/// The [`Wrap`] of [`Held`]: holds on relayed connections, passes direct ones through.
+pub struct HoldOnRelayed;
 
-impl<B> Deref for Held<B> {
-    type Target = B;
-    fn deref(&self) -> &B {
-        &self.inner
-    }
-}
+impl Wrap for HoldOnRelayed {
+    type Handler<H: ConnectionHandler> = HoldHandler<H>;
 
-impl<B> DerefMut for Held<B> {
-    fn deref_mut(&mut self) -> &mut B {
-        &mut self.inner
-    }
-}
-
-impl<B: NetworkBehaviour> NetworkBehaviour for Held<B> {
-    type ConnectionHandler = HoldHandler<THandler<B>>;
-    type ToSwarm = B::ToSwarm;
-
-    fn handle_pending_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<(), ConnectionDenied> {
-        self.inner
-            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
-    }
-
-    fn handle_established_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        let handler = self.inner.handle_established_inbound_connection(
-            connection_id,
-            peer,
-            local_addr,
-            remote_addr,
-        )?;
-        Ok(HoldHandler::new(handler, is_relayed(local_addr)))
-    }
-
-    fn handle_pending_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        maybe_peer: Option<PeerId>,
-        addresses: &[Multiaddr],
-        effective_role: Endpoint,
-    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
-        self.inner.handle_pending_outbound_connection(
-            connection_id,
-            maybe_peer,
-            addresses,
-            effective_role,
-        )
-    }
-
-    fn handle_established_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        addr: &Multiaddr,
-        role_override: Endpoint,
-        port_use: PortUse,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        let handler = self.inner.handle_established_outbound_connection(
-            connection_id,
-            peer,
-            addr,
-            role_override,
-            port_use,
-        )?;
-        Ok(HoldHandler::new(handler, is_relayed(addr)))
-    }
-
-    fn on_swarm_event(&mut self, event: FromSwarm) {
-        self.inner.on_swarm_event(event);
-    }
-
-    fn on_connection_handler_event(
-        &mut self,
-        peer_id: PeerId,
-        connection_id: ConnectionId,
-        event: THandlerOutEvent<Self>,
-    ) {
-        self.inner
-            .on_connection_handler_event(peer_id, connection_id, event);
-    }
-
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        self.inner.poll(cx)
+    fn wrap<H: ConnectionHandler>(handler: H, addr: &Multiaddr) -> HoldHandler<H> {
+        HoldHandler::new(handler, is_relayed(addr))
     }
 }
 
