@@ -364,11 +364,7 @@ async fn trial(
     delay_ms: f64,
     bins: &Bins,
 ) -> Result<Outcome> {
-    let bin = if mix.other_build {
-        bins.other.as_deref().unwrap_or(&bins.servant)
-    } else {
-        &bins.servant
-    };
+    let bin = bins.of(mix);
     let (mut lab, relay, pa, pb) = build_lab(dir, a, b, delay_ms)?;
     let relay_full = start_relay(
         &mut lab,
@@ -463,6 +459,17 @@ struct Bins {
     servant: PathBuf,
     /// `--other-servant`.
     other: Option<PathBuf>,
+}
+
+impl Bins {
+    /// The build `mix`'s Servant nodes run (the other build is only in the run's
+    /// implementations when `--other-servant` gave one).
+    fn of(&self, mix: Mix) -> &Path {
+        match (&self.other, mix.other_build) {
+            (Some(other), true) => other,
+            _ => &self.servant,
+        }
+    }
 }
 
 /// The servant binary beside this one (`cargo build --release -p servant`).
@@ -804,20 +811,16 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                 lines.push(difference_row(pairing, transport, &c, &target));
                 comparisons.push(c);
             }
-            // The baseline against itself: not a target of Servant's, but what the
-            // verdict above would say of two runs of the same code.
-            if let Some(c) = find(CALIBRATION).and_then(|a| compare(a, b, params.margin_pct)) {
-                let mut row = difference_row(pairing, transport, &c, "calibration");
-                row[5] = if c.no_worse { "(pass)" } else { "(fail)" }.into();
-                lines.push(row);
-                comparisons.push(c);
-            }
-            // The other build, judged as Servant is: not a target, a comparison.
-            if let Some(c) = find(OTHER_BUILD).and_then(|a| compare(a, b, params.margin_pct)) {
-                let mut row = difference_row(pairing, transport, &c, "other build");
-                row[5] = if c.no_worse { "(pass)" } else { "(fail)" }.into();
-                lines.push(row);
-                comparisons.push(c);
+            // Judged as Servant is, but not targets: the baseline against itself (what
+            // the verdict above would say of two runs of the same code), and the other
+            // build.
+            for (name, label) in [(CALIBRATION, "calibration"), (OTHER_BUILD, "other build")] {
+                if let Some(c) = find(name).and_then(|a| compare(a, b, params.margin_pct)) {
+                    let mut row = difference_row(pairing, transport, &c, label);
+                    row[5] = if c.no_worse { "(pass)" } else { "(fail)" }.into();
+                    lines.push(row);
+                    comparisons.push(c);
+                }
             }
             // Where the time goes: the DCUtR exchange over the relay, then the
             // direct connection's handshake.
