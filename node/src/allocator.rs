@@ -49,6 +49,45 @@ pub fn tune() {
     }
 }
 
+/// Hands the heaps' free pages back to the system: the top of each arena above a
+/// page, and whole free pages in holes below live blocks. Returns whether any memory
+/// was released; `false` where the allocator is not glibc's.
+pub fn trim() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only works under the allocator's own locks; a pad of 0
+        // keeps nothing beyond what live blocks need.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// Calls [`trim`] every `period` until `stop` turns true; a zero `period` returns at
+/// once. Runs on a blocking thread, as one trim walks every arena under its lock.
+pub async fn trim_every(period: std::time::Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    if period.is_zero() {
+        return;
+    }
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                let _ = tokio::task::spawn_blocking(trim).await;
+            }
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// What the C allocator holds, from glibc's `mallinfo2`, summed over its arenas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heap {

@@ -118,6 +118,9 @@ pub struct Config {
     pub relay_rate_per_peer: ByteSize,
     /// How often reachability is probed again from scratch.
     pub reach_probe_interval: HumanDuration,
+    /// How often freed heap memory is handed back to the system (`malloc_trim`); 0
+    /// turns it off. See `allocator` for why it is off by default.
+    pub heap_trim_interval: HumanDuration,
     /// Ask the local gateway (a home router) to forward the p2p ports by UPnP. A mapped
     /// address is confirmed by dial-backs like any other before it counts.
     pub upnp: bool,
@@ -166,6 +169,7 @@ impl Default for Config {
             relay_profile: RelayProfile::Signaling,
             relay_rate_per_peer: ByteSize(DATA_RELAY_RATE_PER_PEER),
             reach_probe_interval: HumanDuration(Duration::from_secs(600)),
+            heap_trim_interval: HumanDuration(Duration::ZERO),
             upnp: true,
             log_level: "info".to_string(),
             log_format: LogFormat::Text,
@@ -533,6 +537,11 @@ pub struct RunArgs {
     #[arg(long, env = "SERVANT_REACH_PROBE_INTERVAL", value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reach_probe_interval: Option<HumanDuration>,
+    /// Period of handing freed heap memory back to the system, 0 for never
+    /// [default: 0s].
+    #[arg(long, env = "SERVANT_HEAP_TRIM_INTERVAL", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heap_trim_interval: Option<HumanDuration>,
     /// UPnP port mapping on the local gateway: true or false [default: true].
     #[arg(long, env = "SERVANT_UPNP", value_name = "BOOL")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -785,6 +794,14 @@ impl Config {
             ("reprovide_interval", self.reprovide_interval, 60),
             ("reach_probe_interval", self.reach_probe_interval, 1),
         ];
+        let trim = self.heap_trim_interval.get();
+        if !trim.is_zero() && trim < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "heap_trim_interval",
+                self.heap_trim_interval,
+                "must be 0s (off) or at least 1s",
+            ));
+        }
         for (key, value, min_secs) in durations {
             if value.get() < Duration::from_secs(min_secs) {
                 return Err(ConfigError::invalid(
@@ -1098,6 +1115,26 @@ mod tests {
             ..Config::default()
         };
         assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn heap_trim_is_off_or_at_least_a_second() {
+        for (value, ok) in [(0, true), (500, false), (1000, true), (300_000, true)] {
+            let config = Config {
+                heap_trim_interval: HumanDuration(Duration::from_millis(value)),
+                ..Config::default()
+            };
+            match config.validate() {
+                Ok(()) => assert!(ok, "{value} ms accepted"),
+                Err(e) => {
+                    let err = e.to_string();
+                    assert!(
+                        !ok && err.contains("heap_trim_interval"),
+                        "{value} ms: {err}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
