@@ -14,6 +14,7 @@ pub mod gossip_raw;
 pub mod hostile;
 pub mod kad_raw;
 pub mod natlab;
+pub mod pcap;
 pub mod raw_peer;
 
 mod api;

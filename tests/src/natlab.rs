@@ -80,6 +80,9 @@ fn lab_sh() -> PathBuf {
 pub struct Lab {
     name: String,
     children: Vec<Child>,
+    /// Packet captures ([`Lab::capture`]): stopped after every other process, so they
+    /// hold the last packets of the nodes' exit.
+    captures: Vec<Child>,
     dir: PathBuf,
 }
 
@@ -94,6 +97,7 @@ impl Lab {
         let lab = Lab {
             name,
             children: Vec::new(),
+            captures: Vec::new(),
             dir: dir.to_path_buf(),
         };
         // Leftovers of an earlier run that had the same name.
@@ -209,6 +213,42 @@ impl Lab {
         Ok(())
     }
 
+    /// Captures the frames that cross the public bridge's port to lab member `member`
+    /// (a host or a router's WAN side) into the pcap file `file`, and returns once
+    /// tcpdump captures: a trial can start at once without losing its first packets.
+    /// Every port's frames are timestamped by the same kernel clock, so captures of
+    /// two ports time a packet's way through a host between them.
+    pub fn capture(&mut self, member: &str, file: &Path) -> Result<()> {
+        let port = self.ns(member);
+        let log = format!("tcpdump-{member}");
+        let file = file.to_str().context("capture path")?;
+        // The bridge's ports are named like the members' namespaces, in the segment's
+        // own namespace (lab.sh). Whole frames, as a trial moves only kilobytes (and
+        // the pcap reader refuses frames cut shorter than they were sent). Immediate
+        // mode hands each packet over as it comes, and -U
+        // writes it at once: by default the kernel hands packets over in blocks, at
+        // the latest after a second, and a trial that ends sooner (a bare one takes a
+        // few hundred ms) left an empty file when tcpdump was stopped.
+        let args = ["-i", &port, "-n", "--immediate-mode", "-U", "-w", file].map(String::from);
+        let pub_ns = self.ns("pub");
+        self.spawn(&pub_ns, &log, Path::new("tcpdump"), &args)?;
+        if let Some(child) = self.children.pop() {
+            self.captures.push(child);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !self.log_tail(&log, 5).contains("listening on") {
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "tcpdump on {port} did not start (is tcpdump installed? \
+                     tests/setup/system.sh installs it): {}",
+                    self.log_tail(&log, 5)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
     /// Runs `program args` in `ns` to completion and returns its standard output.
     pub fn run(&self, ns: &str, program: &Path, args: &[&str]) -> Result<String> {
         let mut full = vec!["ip", "netns", "exec", ns];
@@ -230,6 +270,14 @@ impl Lab {
         }
         for child in &mut self.children {
             let _ = child.wait();
+        }
+        for capture in &mut self.captures {
+            // SIGTERM, not SIGKILL: tcpdump then writes out what it still holds.
+            // SAFETY: kill only sends a signal to our own child, not yet waited for.
+            unsafe { libc::kill(capture.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        for capture in &mut self.captures {
+            let _ = capture.wait();
         }
         std::thread::sleep(Duration::from_millis(50));
     }

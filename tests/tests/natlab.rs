@@ -911,8 +911,9 @@ fn share_in(lab: &Lab, ns: &str, path: &Path) -> Result<String> {
 
 /// The NAT bench itself (`servant-bench nat`), two trials a cell so it stays quick:
 /// the turns, the calibration cell and the comparisons reach the report, and both
-/// implementations punch through a port-restricted pair. The figures are the
-/// bench's to measure (README, "NAT traversal"), not this test's.
+/// implementations punch through a port-restricted pair, and `--capture` records
+/// every trial and splits its time by who spent it. The figures are the bench's to
+/// measure (README, "NAT traversal"), not this test's.
 #[test]
 fn the_nat_bench_runs_its_cells_in_turns_and_compares_them() -> Result<()> {
     if skip_unless(
@@ -922,6 +923,8 @@ fn the_nat_bench_runs_its_cells_in_turns_and_compares_them() -> Result<()> {
         return Ok(());
     }
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nat-smoke.json");
+    let captures = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nat-smoke-captures");
+    let _ = std::fs::remove_dir_all(&captures);
     // The build beside the bench stands in for "another build" of Servant.
     let servant = servant_bin();
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_servant-bench"))
@@ -930,6 +933,8 @@ fn the_nat_bench_runs_its_cells_in_turns_and_compares_them() -> Result<()> {
         .arg(&out)
         .arg("--other-servant")
         .arg(&servant)
+        .arg("--capture")
+        .arg(&captures)
         .status()
         .context("run servant-bench nat")?;
     assert!(status.success(), "servant-bench nat: {status}");
@@ -954,6 +959,19 @@ fn the_nat_bench_runs_its_cells_in_turns_and_compares_them() -> Result<()> {
             c["implementation"], c["successes"], c["trials"], c["median_ms"]
         );
         assert_eq!(c["successes"], 2, "{c}");
+        // `--capture`: each direct trial's relayed → dial window, split by who spent
+        // it, never more than the window.
+        let paths = c["paths"].as_array().context("no paths")?;
+        assert_eq!(paths.len(), 2, "{c}");
+        for p in paths {
+            let part = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
+            let spent = ["dialer_ms", "listener_ms", "relay_ms", "routers_ms"].map(part);
+            assert!(
+                spent.iter().all(|v| *v >= 0.0)
+                    && spent.iter().sum::<f64>() <= part("window_ms") + 1e-3,
+                "{p}"
+            );
+        }
     }
     let compared: Vec<&str> = report["comparisons"]
         .as_array()
@@ -967,5 +985,42 @@ fn the_nat_bench_runs_its_cells_in_turns_and_compares_them() -> Result<()> {
     );
     let table = std::fs::read_to_string(out.with_extension("txt"))?;
     assert!(table.contains("95% interval"), "{table}");
+    the_captures_hold_every_trial_from_its_first_packet(&captures)?;
+    Ok(())
+}
+
+/// `--capture`: every trial (4 implementations x 2) left its outcome and one pcap per
+/// port, started before the first packet (a peer's first connection to the relay is
+/// there from its SYN) and seeing the direct path (a SYN between the two routers).
+fn the_captures_hold_every_trial_from_its_first_packet(dir: &Path) -> Result<()> {
+    let (relay, ra, rb) = ("198.18.0.10", "198.18.0.21", "198.18.0.22");
+    let mut trials = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        trials += 1;
+        let stem = path.with_extension("");
+        let pcap = |port: &str| {
+            servant_tests::pcap::read(Path::new(&format!("{}-{port}.pcap", stem.display())))
+        };
+        let at_relay = pcap("relay")?;
+        let first = at_relay.first().context("an empty relay capture")?;
+        assert!(
+            first.is_syn()
+                && [ra, rb].contains(&first.src.ip().to_string().as_str())
+                && first.dst.ip().to_string() == relay,
+            "{}: the relay's capture starts with {first:?}",
+            stem.display()
+        );
+        let direct = pcap("ra")?.into_iter().chain(pcap("rb")?).any(|f| {
+            let (s, d) = (f.src.ip().to_string(), f.dst.ip().to_string());
+            f.is_syn() && ((s == ra && d == rb) || (s == rb && d == ra))
+        });
+        assert!(direct, "{}: no SYN between the routers", stem.display());
+    }
+    assert_eq!(trials, 8, "trials captured in {}", dir.display());
+    println!("checked: {trials} trials captured, each from its first SYN to the direct dial");
     Ok(())
 }

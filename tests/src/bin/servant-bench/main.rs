@@ -56,6 +56,7 @@ mod load;
 mod memory;
 mod nat;
 mod nat_node;
+mod nat_path;
 mod openmetrics;
 mod params;
 mod process;

@@ -15,12 +15,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use servant_tests::natlab::{Lab, Nat};
 
 use crate::{
     nat_node::Outcome,
+    nat_path::CriticalPath,
     report,
     stats::{self, Difference},
 };
@@ -70,6 +71,14 @@ pub struct NatParams {
     #[arg(long)]
     #[serde(default)]
     pub other_servant: Option<PathBuf>,
+    /// Capture every trial's packets on the public segment into this directory
+    /// (tcpdump, one pcap per port of the public bridge: `<trial>-relay.pcap`,
+    /// `-ra.pcap`, `-rb.pcap`, beside `<trial>.json` with the trial's outcome). The
+    /// captures start, and are waited for, before the relay does, so a DCUtR exchange
+    /// can be timed hop by hop from packet timestamps with no logging in the nodes.
+    #[arg(long)]
+    #[serde(default)]
+    pub capture: Option<PathBuf>,
 }
 
 fn default_margin_pct() -> f64 {
@@ -100,6 +109,10 @@ pub struct Cell {
     pub median_dial_ms: Option<f64>,
     /// Every trial's outcome.
     pub outcomes: Vec<Outcome>,
+    /// With `--capture`: each successful trial's relayed → dial window by who spent
+    /// it, from its packets (`nat_path`).
+    #[serde(default)]
+    pub paths: Vec<CriticalPath>,
 }
 
 /// One implementation's time to a direct connection against the baseline's, in one
@@ -355,17 +368,30 @@ fn servant_args(dir: &Path, name: &str, transport: &str, extra: &[&str]) -> Vec<
     v
 }
 
+/// What every trial of a run shares.
+struct Setup<'a> {
+    delay_ms: f64,
+    bins: &'a Bins,
+    /// Where this trial's captures go: the path of its files without their endings.
+    capture: Option<&'a Path>,
+}
+
 /// One trial of `mix` on a fresh lab.
 async fn trial(
     dir: &Path,
     transport: &str,
     (a, b): (Nat, Nat),
     mix: Mix,
-    delay_ms: f64,
-    bins: &Bins,
+    setup: &Setup<'_>,
 ) -> Result<Outcome> {
-    let bin = bins.of(mix);
-    let (mut lab, relay, pa, pb) = build_lab(dir, a, b, delay_ms)?;
+    let bin = setup.bins.of(mix);
+    let (mut lab, relay, pa, pb) = build_lab(dir, a, b, setup.delay_ms)?;
+    if let Some(capture) = setup.capture {
+        let stem = capture.display();
+        for member in ["relay", "ra", "rb"] {
+            lab.capture(member, Path::new(&format!("{stem}-{member}.pcap")))?;
+        }
+    }
     let relay_full = start_relay(
         &mut lab,
         dir,
@@ -649,6 +675,35 @@ fn compare(a: &Cell, b: &Cell, margin_pct: f64) -> Option<Comparison> {
 
 /// The table's line for a comparison: the medians' difference, its interval and
 /// the margin it must stay within.
+/// With `--capture`: the relayed → dial window's medians by who spent it on the
+/// critical path, Servant against the baseline.
+fn path_rows(cell: &str, s: &Cell, b: &Cell) -> Vec<[String; 6]> {
+    type Part = fn(&CriticalPath) -> f64;
+    let parts: [(&str, Part); 4] = [
+        ("dialing peer", |p| p.dialer_ms),
+        ("listening peer", |p| p.listener_ms),
+        ("relay", |p| p.relay_ms),
+        ("routers' delay", |p| p.routers_ms),
+    ];
+    let median =
+        |c: &Cell, part: Part| -> Option<f64> { stats::median(c.paths.iter().map(part).collect()) };
+    parts
+        .iter()
+        .filter_map(|(name, part)| {
+            let (sv, bv) = (median(s, *part)?, median(b, *part)?);
+            Some(report::cells(
+                &format!("{cell}: relayed→dial, on the path: {name}"),
+                "ms",
+                sv,
+                bv,
+                (bv > 0.0).then(|| sv / bv),
+                "",
+                None,
+            ))
+        })
+        .collect()
+}
+
 fn difference_row(pairing: &str, transport: &str, c: &Comparison, target: &str) -> [String; 6] {
     let d = c.difference_ms;
     let what = if c.implementation == "servant" {
@@ -689,6 +744,14 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
         servant: servant_bin()?,
         other,
     };
+    // Made absolute, as tcpdump writes from the lab's namespace.
+    let capture_root = match &params.capture {
+        Some(root) => std::fs::create_dir_all(root)
+            .and_then(|()| std::fs::canonicalize(root))
+            .map(Some)
+            .with_context(|| format!("--capture {}", root.display()))?,
+        None => None,
+    };
     let work = tempfile::tempdir()?;
     // SERVANT_BENCH_KEEP=1 keeps every trial's logs (and says where).
     let keep = std::env::var_os("SERVANT_BENCH_KEEP").is_some();
@@ -702,6 +765,7 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
             // other's: the machine's load drifts over minutes, and blocks would put
             // the drift into the comparison.
             let mut outcomes = vec![Vec::new(); runs.len()];
+            let mut paths = vec![Vec::new(); runs.len()];
             let mut setup_failures = vec![0; runs.len()];
             for n in 0..params.trials {
                 for k in 0..runs.len() {
@@ -713,7 +777,19 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                         implementation.replace([' ', ','], "")
                     ));
                     std::fs::create_dir_all(&dir)?;
-                    let outcome = trial(&dir, transport, (a, b), mix, params.delay_ms, &bins).await;
+                    let capture = match &capture_root {
+                        Some(root) => {
+                            let name = dir.file_name().unwrap_or_default().to_string_lossy();
+                            Some(root.join(name.as_ref()))
+                        }
+                        None => None,
+                    };
+                    let setup = Setup {
+                        delay_ms: params.delay_ms,
+                        bins: &bins,
+                        capture: capture.as_deref(),
+                    };
+                    let outcome = trial(&dir, transport, (a, b), mix, &setup).await;
                     let outcome = outcome.unwrap_or_else(|e| {
                         setup_failures[i] += 1;
                         Outcome {
@@ -737,14 +813,29 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                             outcome.error.clone().unwrap_or_default()
                         }
                     );
+                    if let Some(capture) = &capture {
+                        let file = capture.with_extension("json");
+                        std::fs::write(&file, serde_json::to_vec_pretty(&outcome)?)
+                            .with_context(|| format!("write {}", file.display()))?;
+                        if let (true, Some(dial_ms)) = (outcome.success, outcome.dial_ms) {
+                            match crate::nat_path::of_trial(capture, dial_ms, params.delay_ms) {
+                                Ok(Some(path)) => paths[i].push(path),
+                                Ok(None) => eprintln!(
+                                    "[nat] {}: no direct dial in the capture",
+                                    capture.display()
+                                ),
+                                Err(e) => eprintln!("[nat] {}: {e:#}", capture.display()),
+                            }
+                        }
+                    }
                     outcomes[i].push(outcome);
                     if !keep {
                         let _ = std::fs::remove_dir_all(&dir);
                     }
                 }
             }
-            for (((implementation, _), outcomes), setup_failures) in
-                runs.iter().zip(outcomes).zip(setup_failures)
+            for ((((implementation, _), outcomes), setup_failures), paths) in
+                runs.iter().zip(outcomes).zip(setup_failures).zip(paths)
             {
                 cells.push(Cell {
                     pairing: pairing.into(),
@@ -756,6 +847,7 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                     median_ms: success_median(&outcomes, |o| o.ms),
                     median_dial_ms: success_median(&outcomes, |o| o.dial_ms),
                     outcomes,
+                    paths,
                 });
             }
         }
@@ -846,6 +938,7 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                     None,
                 ));
             }
+            lines.extend(path_rows(&format!("{pairing} {transport}"), s, b));
         }
     }
     let mut table = format!(
@@ -954,6 +1047,7 @@ mod tests {
                     error: None,
                 })
                 .collect(),
+            paths: Vec::new(),
         };
         let base: Vec<f64> = (0..30).map(|i| 100.0 + (i * 7 % 11) as f64).collect();
         let b = cell("baseline", &base);
@@ -985,6 +1079,7 @@ mod tests {
             calibrate: false,
             margin_pct: 5.0,
             other_servant: None,
+            capture: None,
         };
         let names = |p: &NatParams| {
             implementations(p)
