@@ -959,13 +959,20 @@ fn the_nat_bench_runs_its_cells_in_turns_and_compares_them() -> Result<()> {
             c["implementation"], c["successes"], c["trials"], c["median_ms"]
         );
         assert_eq!(c["successes"], 2, "{c}");
-        // `--capture`: each direct trial's relayed → dial window, split by who spent
-        // it, never more than the window.
+        // `--capture`: each direct trial's relayed → dial and dial → direct, split by
+        // who spent them, never more than the span.
         let paths = c["paths"].as_array().context("no paths")?;
         assert_eq!(paths.len(), 2, "{c}");
-        for p in paths {
+        for p in paths.iter().flat_map(|t| [&t["to_dial"], &t["to_direct"]]) {
             let part = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
-            let spent = ["dialer_ms", "listener_ms", "relay_ms", "routers_ms"].map(part);
+            let spent = [
+                "dialer_ms",
+                "listener_ms",
+                "relay_ms",
+                "routers_ms",
+                "connect_ms",
+            ]
+            .map(part);
             assert!(
                 spent.iter().all(|v| *v >= 0.0)
                     && spent.iter().sum::<f64>() <= part("window_ms") + 1e-3,

@@ -21,7 +21,7 @@ use servant_tests::natlab::{Lab, Nat};
 
 use crate::{
     nat_node::Outcome,
-    nat_path::CriticalPath,
+    nat_path::{CriticalPath, TrialPath},
     report,
     stats::{self, Difference},
 };
@@ -109,10 +109,10 @@ pub struct Cell {
     pub median_dial_ms: Option<f64>,
     /// Every trial's outcome.
     pub outcomes: Vec<Outcome>,
-    /// With `--capture`: each successful trial's relayed → dial window by who spent
-    /// it, from its packets (`nat_path`).
+    /// With `--capture`: each successful trial's relayed → dial and dial → direct by
+    /// who spent them, from its packets (`nat_path`).
     #[serde(default)]
-    pub paths: Vec<CriticalPath>,
+    pub paths: Vec<TrialPath>,
 }
 
 /// One implementation's time to a direct connection against the baseline's, in one
@@ -675,33 +675,49 @@ fn compare(a: &Cell, b: &Cell, margin_pct: f64) -> Option<Comparison> {
 
 /// The table's line for a comparison: the medians' difference, its interval and
 /// the margin it must stay within.
-/// With `--capture`: the relayed → dial window's medians by who spent it on the
-/// critical path, Servant against the baseline.
+/// With `--capture`: both spans' medians by who spent them on the critical path,
+/// Servant against the baseline.
 fn path_rows(cell: &str, s: &Cell, b: &Cell) -> Vec<[String; 6]> {
+    type Span = fn(&TrialPath) -> &CriticalPath;
     type Part = fn(&CriticalPath) -> f64;
-    let parts: [(&str, Part); 4] = [
+    let spans: [(&str, Span); 2] = [
+        ("relayed→dial", |t| &t.to_dial),
+        ("dial→direct", |t| &t.to_direct),
+    ];
+    let parts: [(&str, Part); 6] = [
         ("dialing peer", |p| p.dialer_ms),
         ("listening peer", |p| p.listener_ms),
         ("relay", |p| p.relay_ms),
         ("routers' delay", |p| p.routers_ms),
+        ("TCP connect", |p| p.connect_ms),
+        ("not on the path", |p| {
+            p.window_ms - p.dialer_ms - p.listener_ms - p.relay_ms - p.routers_ms - p.connect_ms
+        }),
     ];
-    let median =
-        |c: &Cell, part: Part| -> Option<f64> { stats::median(c.paths.iter().map(part).collect()) };
-    parts
-        .iter()
-        .filter_map(|(name, part)| {
-            let (sv, bv) = (median(s, *part)?, median(b, *part)?);
-            Some(report::cells(
-                &format!("{cell}: relayed→dial, on the path: {name}"),
+    let median = |c: &Cell, span: Span, part: Part| -> Option<f64> {
+        stats::median(c.paths.iter().map(|t| part(span(t))).collect())
+    };
+    let mut rows = Vec::new();
+    for (span_name, span) in spans {
+        for (name, part) in parts {
+            let (Some(sv), Some(bv)) = (median(s, span, part), median(b, span, part)) else {
+                continue;
+            };
+            if sv.abs() < 1e-9 && bv.abs() < 1e-9 {
+                continue;
+            }
+            rows.push(report::cells(
+                &format!("{cell}: {span_name}, on the path: {name}"),
                 "ms",
                 sv,
                 bv,
                 (bv > 0.0).then(|| sv / bv),
                 "",
                 None,
-            ))
-        })
-        .collect()
+            ));
+        }
+    }
+    rows
 }
 
 fn difference_row(pairing: &str, transport: &str, c: &Comparison, target: &str) -> [String; 6] {
@@ -817,8 +833,10 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                         let file = capture.with_extension("json");
                         std::fs::write(&file, serde_json::to_vec_pretty(&outcome)?)
                             .with_context(|| format!("write {}", file.display()))?;
-                        if let (true, Some(dial_ms)) = (outcome.success, outcome.dial_ms) {
-                            match crate::nat_path::of_trial(capture, dial_ms, params.delay_ms) {
+                        if let (true, Some(dial_ms), Some(ms)) =
+                            (outcome.success, outcome.dial_ms, outcome.ms)
+                        {
+                            match crate::nat_path::of_trial(capture, dial_ms, ms, params.delay_ms) {
                                 Ok(Some(path)) => paths[i].push(path),
                                 Ok(None) => eprintln!(
                                     "[nat] {}: no direct dial in the capture",
