@@ -4,11 +4,12 @@
 //! The dialer measures two spans: relayed → dial (the rest of the circuit's
 //! handshake, then DCUtR's CONNECT, CONNECT and SYNC through the relay) and dial →
 //! direct (the direct connection's handshake). Over each this module walks the
-//! critical path back from its end: whoever sent a packet acted on the last packet it
-//! received before it, so the time between the two is that node's (less the routers'
-//! delay on the way in and out, for a peer), and the walk goes on from that packet's
-//! sender. Every step of time lands on the dialer, the listener, the relay, the
-//! routers or (the direct span's start) the kernel's TCP connect. It is a heuristic
+//! critical path back from its end: whoever sent a packet acted on the last packet
+//! that could have reached it before (for a peer, one that had crossed its router in
+//! time), so the time between the two is that node's (less the routers' delay on the
+//! way in and out, for a peer), and the walk goes on from that packet's sender. Every
+//! step of time lands on the dialer, the listener, the relay, the routers or (the
+//! direct span's start) the kernel's TCP connect. It is a heuristic
 //! (a node may act on an earlier packet than the last), but one that needs no logging
 //! in the nodes and treats both implementations alike.
 //!
@@ -127,6 +128,13 @@ fn seen_on(c: &Captures, from: Ipv4Addr, frame: &Frame) -> f64 {
     last_before(c.port(from), at(frame) + 1e-6, |f| same_packet(f, frame)).map_or(at(frame), at)
 }
 
+/// The latest a packet can have been seen on a peer's port and still be what the peer
+/// acted on at `t` (seen on the same port): it crossed the router in, and the answer
+/// crossed it out. A packet later than that was in flight when the peer acted.
+fn caused_by(t: f64, delay_ms: f64) -> f64 {
+    t - 2.0 * delay_ms
+}
+
 /// Peer `who`'s turn from a packet that reached it to `t`: its router's delay in and
 /// out, and its own time.
 fn peer_turn(path: &mut CriticalPath, who: Ipv4Addr, gap: f64, delay_ms: f64) {
@@ -174,7 +182,7 @@ fn through_relay(c: &Captures, start: f64, end: f64, delay_ms: f64) -> CriticalP
             Some((sender, seen_on(c, sender, arrived)))
         } else {
             let to_peer = |f: &Frame| *f.src.ip() == RELAY && *f.dst.ip() == who && carries_data(f);
-            let arrived = last_before(c.port(who), t, to_peer)?;
+            let arrived = last_before(c.port(who), caused_by(t, delay_ms), to_peer)?;
             peer_turn(path, who, t - at(arrived).max(start), delay_ms);
             Some((RELAY, seen_on(c, RELAY, arrived)))
         }
@@ -187,7 +195,7 @@ fn direct(c: &Captures, start: f64, end: f64, delay_ms: f64) -> CriticalPath {
     walk(start, end, |path, who, t| {
         let other = if who == DIALER { LISTENER } else { DIALER };
         let from_other = |f: &Frame| *f.src.ip() == other && *f.dst.ip() == who && carries_data(f);
-        let Some(arrived) = last_before(c.port(who), t, from_other) else {
+        let Some(arrived) = last_before(c.port(who), caused_by(t, delay_ms), from_other) else {
             path.connect_ms += t - start;
             return None;
         };
@@ -230,6 +238,9 @@ mod tests {
         let dialer_in = frame(10.501, RELAY, DIALER, 60);
         let ack = frame(11.0, DIALER, RELAY, 0);
         let dial = frame(13.501, DIALER, LISTENER, 0);
+        // Reached the dialer's port too late to be what it dialed on (it would have
+        // needed its router's delay in and the dial's out).
+        let in_flight = frame(12.0, RELAY, DIALER, 30);
         // The TCP handshake takes until 17.501, when the dialer sends its first data;
         // the listener answers 3.5 ms after it saw it (17.502 -> 21.002), and the
         // dialer calls it direct 2.5 ms after that reached it (21.003 -> 23.503).
@@ -239,7 +250,7 @@ mod tests {
         let answer_here = frame(21.003, LISTENER, DIALER, 80);
         let c = Captures {
             relay: vec![relay_in, relay_out, ack.clone()],
-            dialer: vec![dialer_in, ack, dial, first, answer_here],
+            dialer: vec![dialer_in, ack, in_flight, dial, first, answer_here],
             listener: vec![first_there, answer],
         };
         let path = spans(&c, 3.5, 3.5 + 10.002, d).expect("the dial is there");
