@@ -162,12 +162,11 @@ impl Node {
         let event_loop = tokio::spawn(event_loop.run(async move {
             let _ = loop_stop.wait_for(|stop| *stop).await;
         }));
-        if !config.heap_trim_interval.get().is_zero() {
-            tokio::spawn(crate::allocator::trim_every(
-                config.heap_trim_interval.get(),
-                stop_rx.clone(),
-            ));
-        }
+        // Returns at once when trimming is off (the default).
+        tokio::spawn(crate::allocator::trim_every(
+            config.heap_trim_interval.get(),
+            stop_rx.clone(),
+        ));
         let api = tokio::spawn(api.serve(stop_rx));
         tracing::info!(%peer_id, api = ?api_addr, "node started");
         Ok(Node {

@@ -225,10 +225,10 @@ impl Lab {
         // The bridge's ports are named like the members' namespaces, in the segment's
         // own namespace (lab.sh). Whole frames, as a trial moves only kilobytes (and
         // the pcap reader refuses frames cut shorter than they were sent). Immediate
-        // mode hands each packet over as it comes, and -U
-        // writes it at once: by default the kernel hands packets over in blocks, at
-        // the latest after a second, and a trial that ends sooner (a bare one takes a
-        // few hundred ms) left an empty file when tcpdump was stopped.
+        // mode hands each packet over as it comes, and -U writes it at once: by
+        // default the kernel hands packets over in blocks, at the latest after a
+        // second, and a trial that ends sooner (a bare one takes a few hundred ms)
+        // left an empty file when tcpdump was stopped.
         let args = ["-i", &port, "-n", "--immediate-mode", "-U", "-w", file].map(String::from);
         let pub_ns = self.ns("pub");
         self.spawn(&pub_ns, &log, Path::new("tcpdump"), &args)?;

@@ -21,7 +21,7 @@ use servant_tests::natlab::{Lab, Nat};
 
 use crate::{
     nat_node::Outcome,
-    nat_path::{CriticalPath, TrialPath},
+    nat_path::{self, CriticalPath, TrialPath},
     report,
     stats::{self, Difference},
 };
@@ -198,10 +198,7 @@ fn listen(transport: &str) -> String {
 }
 
 fn relay_addr(transport: &str) -> String {
-    match transport {
-        "quic" => "/ip4/198.18.0.10/udp/4001/quic-v1".into(),
-        _ => "/ip4/198.18.0.10/tcp/4001".into(),
-    }
+    listen(transport).replace("0.0.0.0", &nat_path::RELAY.to_string())
 }
 
 /// Waits for a file to appear with content.
@@ -222,9 +219,9 @@ async fn read_when_ready(path: &Path, timeout: Duration) -> Result<String> {
 
 fn build_lab(dir: &Path, a: Nat, b: Nat, delay_ms: f64) -> Result<(Lab, String, String, String)> {
     let mut lab = Lab::new(dir)?;
-    let relay = lab.host("relay", "198.18.0.10")?;
-    let pa = lab.natted_peer("ra", "pa", "198.18.0.21", 1, a)?;
-    let pb = lab.natted_peer("rb", "pb", "198.18.0.22", 2, b)?;
+    let relay = lab.host("relay", &nat_path::RELAY.to_string())?;
+    let pa = lab.natted_peer("ra", "pa", &nat_path::DIALER.to_string(), 1, a)?;
+    let pb = lab.natted_peer("rb", "pb", &nat_path::LISTENER.to_string(), 2, b)?;
     if delay_ms > 0.0 {
         lab.delay("ra", delay_ms)?;
         lab.delay("rb", delay_ms)?;
@@ -301,7 +298,7 @@ async fn start_relay(
                 "nat-node".into(),
                 "relay".into(),
                 "--listen".into(),
-                listen(transport).replace("0.0.0.0", "198.18.0.10"),
+                relay_addr(transport),
                 "--file".into(),
                 id_file.display().to_string(),
             ],
@@ -673,8 +670,24 @@ fn compare(a: &Cell, b: &Cell, margin_pct: f64) -> Option<Comparison> {
     })
 }
 
-/// The table's line for a comparison: the medians' difference, its interval and
-/// the margin it must stay within.
+/// With `--capture`: writes the trial's outcome beside its pcaps (`<stem>.json`) and,
+/// for a direct trial, splits its spans by who spent them. A capture that cannot be
+/// read is reported and left out of the medians, not fatal to the run.
+fn captured_path(stem: &Path, outcome: &Outcome, delay_ms: f64) -> Result<Option<TrialPath>> {
+    let file = stem.with_extension("json");
+    std::fs::write(&file, serde_json::to_vec_pretty(outcome)?)
+        .with_context(|| format!("write {}", file.display()))?;
+    let (true, Some(dial_ms), Some(ms)) = (outcome.success, outcome.dial_ms, outcome.ms) else {
+        return Ok(None);
+    };
+    match nat_path::of_trial(stem, dial_ms, ms, delay_ms) {
+        Ok(None) => eprintln!("[nat] {}: no direct dial in the capture", stem.display()),
+        Ok(path) => return Ok(path),
+        Err(e) => eprintln!("[nat] {}: {e:#}", stem.display()),
+    }
+    Ok(None)
+}
+
 /// With `--capture`: both spans' medians by who spent them on the critical path,
 /// Servant against the baseline.
 fn path_rows(cell: &str, s: &Cell, b: &Cell) -> Vec<[String; 6]> {
@@ -720,6 +733,8 @@ fn path_rows(cell: &str, s: &Cell, b: &Cell) -> Vec<[String; 6]> {
     rows
 }
 
+/// The table's line for a comparison: the medians' difference, its interval and
+/// the margin it must stay within.
 fn difference_row(pairing: &str, transport: &str, c: &Comparison, target: &str) -> [String; 6] {
     let d = c.difference_ms;
     let what = if c.implementation == "servant" {
@@ -830,21 +845,7 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                         }
                     );
                     if let Some(capture) = &capture {
-                        let file = capture.with_extension("json");
-                        std::fs::write(&file, serde_json::to_vec_pretty(&outcome)?)
-                            .with_context(|| format!("write {}", file.display()))?;
-                        if let (true, Some(dial_ms), Some(ms)) =
-                            (outcome.success, outcome.dial_ms, outcome.ms)
-                        {
-                            match crate::nat_path::of_trial(capture, dial_ms, ms, params.delay_ms) {
-                                Ok(Some(path)) => paths[i].push(path),
-                                Ok(None) => eprintln!(
-                                    "[nat] {}: no direct dial in the capture",
-                                    capture.display()
-                                ),
-                                Err(e) => eprintln!("[nat] {}: {e:#}", capture.display()),
-                            }
-                        }
+                        paths[i].extend(captured_path(capture, &outcome, params.delay_ms)?);
                     }
                     outcomes[i].push(outcome);
                     if !keep {

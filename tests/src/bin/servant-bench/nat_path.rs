@@ -23,7 +23,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use servant_tests::pcap::{self, Frame};
 
-/// The lab's addresses on the public segment (`nat::build_lab`).
+/// The relay's address on the public segment, where `nat::build_lab` puts it.
 pub const RELAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 /// The dialing peer's router.
 pub const DIALER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 21);
