@@ -207,8 +207,18 @@ pub fn diagnose(status: &Status, reach: &ReachView) -> Vec<String> {
     }
     let (ok, failed): (Vec<_>, Vec<_>) = reach.holepunches.iter().partition(|h| h.success);
     if !reach.holepunches.is_empty() {
+        // A retry costs a round trip over the relay and a dial timeout: worth saying.
+        let retried = ok
+            .iter()
+            .filter(|h| h.attempt.is_some_and(|a| a > 1))
+            .count();
+        let retried = if retried > 0 {
+            format!(" ({retried} of them on a retry)")
+        } else {
+            String::new()
+        };
         out.push(format!(
-            "Recent hole punches: {} succeeded, {} failed.",
+            "Recent hole punches: {} succeeded{retried}, {} failed.",
             ok.len(),
             failed.len()
         ));

@@ -501,8 +501,8 @@ impl EventLoop {
             }
             SwarmEvent::Dialing {
                 peer_id: Some(peer),
-                ..
-            } => self.traversal.on_dialing(peer),
+                connection_id,
+            } => self.traversal.on_dialing(peer, connection_id),
             _ => {}
         }
     }

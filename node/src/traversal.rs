@@ -11,7 +11,11 @@ use std::{
 };
 
 use libp2p::{
-    core::transport::ListenerId, dcutr, identify, kad, multiaddr::Protocol, relay, swarm::Swarm,
+    core::transport::ListenerId,
+    dcutr, identify, kad,
+    multiaddr::Protocol,
+    relay,
+    swarm::{ConnectionId, Swarm},
     Multiaddr, PeerId,
 };
 use serde::{Deserialize, Serialize};
@@ -30,6 +34,9 @@ use crate::{
 const RECENT_HOLEPUNCHES: usize = 16;
 /// Peers whose observation of our address is kept for `servant doctor`.
 const MAX_OBSERVERS: usize = 32;
+/// Direct dials remembered per relayed peer: DCUtR makes at most three per relayed
+/// connection; the rest of the node rarely dials a peer it is already connected to.
+const MAX_PUNCH_DIALS: usize = 8;
 
 /// One address's evidence, for the API.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -64,6 +71,12 @@ pub struct HolePunchView {
     /// connection's own handshake.
     #[serde(default)]
     pub dial_after_us: Option<u64>,
+    /// Which of this node's direct dials of the peer since the relayed connection
+    /// opened made the direct connection (DCUtR tries up to three rounds, each with
+    /// one dial from either side); for a failure, how many dials this node made. None
+    /// when the connection came from the other side's dial.
+    #[serde(default)]
+    pub attempt: Option<u32>,
     /// Unix time of the outcome, in seconds.
     pub at: u64,
 }
@@ -104,6 +117,25 @@ pub struct ReachView {
     pub upnp_mappings: Vec<(String, String)>,
 }
 
+/// A peer's direct dials while a relayed connection to it is open.
+struct PunchDials {
+    /// When the first started.
+    first: Instant,
+    /// Each dial's connection, in order.
+    connections: Vec<ConnectionId>,
+}
+
+impl PunchDials {
+    /// The round a hole punch's `result` came from, as this node counted it.
+    fn attempt<E>(&self, result: &Result<ConnectionId, E>) -> Option<u32> {
+        let n = match result {
+            Ok(direct) => self.connections.iter().position(|c| c == direct)? + 1,
+            Err(_) => self.connections.len(),
+        };
+        u32::try_from(n).ok()
+    }
+}
+
 /// The NAT-traversal state of the node.
 pub struct Traversal {
     reach: Reach,
@@ -120,9 +152,10 @@ pub struct Traversal {
     assumed_external: HashSet<Multiaddr>,
     /// When each peer's relayed connection opened, to time the move to direct.
     relayed_since: HashMap<PeerId, Instant>,
-    /// When this node first dialed a peer it has a relayed connection to: the hole
-    /// punch's direct dial, to split its time between the relay and the handshake.
-    punch_dial: HashMap<PeerId, Instant>,
+    /// This node's dials of peers it has a relayed connection to: the hole punch's
+    /// direct dials, to split its time between the relay and the handshake and to
+    /// tell which round succeeded.
+    punch_dials: HashMap<PeerId, PunchDials>,
     holepunches: VecDeque<HolePunchView>,
     /// Peers holding a reservation on our relay (at most the relay's 128).
     reserved_here: HashSet<PeerId>,
@@ -158,7 +191,7 @@ impl Traversal {
             added_external: HashSet::new(),
             assumed_external: HashSet::new(),
             relayed_since: HashMap::new(),
-            punch_dial: HashMap::new(),
+            punch_dials: HashMap::new(),
             holepunches: VecDeque::new(),
             reserved_here: HashSet::new(),
             circuits_here: HashMap::new(),
@@ -309,14 +342,20 @@ impl Traversal {
         if remaining == 0 {
             self.relays.disconnected(&peer);
             self.relayed_since.remove(&peer);
-            self.punch_dial.remove(&peer);
+            self.punch_dials.remove(&peer);
         }
     }
 
-    /// This node started dialing `peer`.
-    pub fn on_dialing(&mut self, peer: PeerId) {
+    /// This node started dialing `peer` on `connection`.
+    pub fn on_dialing(&mut self, peer: PeerId, connection: ConnectionId) {
         if self.relayed_since.contains_key(&peer) {
-            self.punch_dial.entry(peer).or_insert_with(Instant::now);
+            let dials = self.punch_dials.entry(peer).or_insert_with(|| PunchDials {
+                first: Instant::now(),
+                connections: Vec::new(),
+            });
+            if dials.connections.len() < MAX_PUNCH_DIALS {
+                dials.connections.push(connection);
+            }
         }
     }
 
@@ -413,11 +452,12 @@ impl Traversal {
         self.metrics.holepunch_attempts.inc();
         let since = self.relayed_since.get(&peer).copied();
         let after = since.map(|t| t.elapsed());
-        let dial_after = self
-            .punch_dial
-            .remove(&peer)
+        let dials = self.punch_dials.remove(&peer);
+        let dial_after = dials
+            .as_ref()
             .zip(since)
-            .map(|(dial, since)| dial.saturating_duration_since(since));
+            .map(|(dials, since)| dials.first.saturating_duration_since(since));
+        let attempt = dials.and_then(|dials| dials.attempt(&event.result));
         let (success, error) = match &event.result {
             Ok(_) => (true, None),
             Err(e) => (false, Some(e.to_string())),
@@ -446,6 +486,7 @@ impl Traversal {
             after_ms: after.map(|a| a.as_millis() as u64),
             after_us: after.map(|a| a.as_micros() as u64),
             dial_after_us: dial_after.map(|a| a.as_micros() as u64),
+            attempt,
             at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -610,4 +651,27 @@ fn worth_probing(addr: &Multiaddr) -> bool {
                 Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_) | Protocol::Dnsaddr(_)
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_attempt_is_the_dial_that_made_the_connection_or_the_dials_made() {
+        let ids = [
+            ConnectionId::new_unchecked(11),
+            ConnectionId::new_unchecked(12),
+            ConnectionId::new_unchecked(13),
+        ];
+        let dials = PunchDials {
+            first: Instant::now(),
+            connections: ids[..2].to_vec(),
+        };
+        assert_eq!(dials.attempt::<()>(&Ok(ids[0])), Some(1));
+        assert_eq!(dials.attempt::<()>(&Ok(ids[1])), Some(2));
+        // The other side's dial made it: not one of ours.
+        assert_eq!(dials.attempt::<()>(&Ok(ids[2])), None);
+        assert_eq!(dials.attempt(&Err(())), Some(2));
+    }
 }

@@ -469,6 +469,13 @@ async fn scenario(lab: &mut Lab, dir: &Path) -> Result<()> {
         .into_iter()
         .chain(reach(lab_ref, &pb)?.holepunches)
         .collect();
+    // The side whose own dial made the connection says which of DCUtR's rounds did.
+    assert!(
+        punches
+            .iter()
+            .any(|h| h.success && h.attempt.is_some_and(|a| (1..=3).contains(&a))),
+        "no successful hole punch says its attempt: {punches:?}"
+    );
     println!("checked: DCUtR punched through both NATs: {punches:?}");
 
     let text = lab.run(&pa, &bin, &["doctor"])?;

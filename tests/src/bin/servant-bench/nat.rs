@@ -107,6 +107,11 @@ pub struct Cell {
     /// successes where the dialer saw its dial.
     #[serde(default)]
     pub median_dial_ms: Option<f64>,
+    /// Successes by the attempt that succeeded: the first entry counts attempt 1,
+    /// the second attempt 2, the third attempt 3; successes whose reporting peer did
+    /// not make the winning dial are in none.
+    #[serde(default)]
+    pub successes_by_attempt: Vec<usize>,
     /// Every trial's outcome.
     pub outcomes: Vec<Outcome>,
     /// With `--capture`: each successful trial's relayed → dial and dial → direct by
@@ -561,9 +566,12 @@ async fn servant_peers(
             let view = reach(ns).await?;
             punches.extend(view["holepunches"].as_array().cloned().unwrap_or_default());
         }
+        // Both sides may report the success: the one whose own dial made it says which
+        // round that was.
         if let Some(h) = punches
             .iter()
-            .find(|h| h["success"] == true)
+            .find(|h| h["success"] == true && h["attempt"].is_u64())
+            .or(punches.iter().find(|h| h["success"] == true))
             .or(punches.first())
         {
             return Ok(Outcome {
@@ -573,19 +581,47 @@ async fn servant_peers(
                     .map(|us| us / 1000.0)
                     .or_else(|| h["after_ms"].as_f64()),
                 dial_ms: h["dial_after_us"].as_f64().map(|us| us / 1000.0),
+                attempt: h["attempt"].as_u64().and_then(|a| u32::try_from(a).ok()),
                 error: h["error"].as_str().map(String::from),
             });
         }
         if Instant::now() >= deadline {
-            return Ok(Outcome {
-                success: false,
-                ms: None,
-                dial_ms: None,
-                error: Some(format!("no outcome within {OUTCOME_WAIT} s")),
-            });
+            return Ok(Outcome::failed(format!(
+                "no outcome within {OUTCOME_WAIT} s"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Successes counted by the attempt that succeeded (see [`Cell::successes_by_attempt`]).
+fn by_attempt(outcomes: &[Outcome]) -> Vec<usize> {
+    let mut counts = vec![0; 3];
+    for o in outcomes.iter().filter(|o| o.success) {
+        if let Some(n) = o
+            .attempt
+            .and_then(|a| counts.get_mut((a as usize).checked_sub(1)?))
+        {
+            *n += 1;
+        }
+    }
+    counts
+}
+
+/// A cell's successes by attempt, for the table: `28 / 2 / 0`, and how many the
+/// reporting peer's own dials did not make.
+fn attempts_text(c: &Cell) -> String {
+    let counted: usize = c.successes_by_attempt.iter().sum();
+    let mut text = c
+        .successes_by_attempt
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(" / ");
+    if c.successes > counted {
+        text.push_str(&format!(" (+{} other side)", c.successes - counted));
+    }
+    text
 }
 
 /// `value` of the successful trials that have it.
@@ -823,12 +859,7 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                     let outcome = trial(&dir, transport, (a, b), mix, &setup).await;
                     let outcome = outcome.unwrap_or_else(|e| {
                         setup_failures[i] += 1;
-                        Outcome {
-                            success: false,
-                            ms: None,
-                            dial_ms: None,
-                            error: Some(format!("setup: {e:#}")),
-                        }
+                        Outcome::failed(format!("setup: {e:#}"))
                     });
                     eprintln!(
                         "[nat] {pairing} {transport} {implementation} {}/{}: {}",
@@ -836,9 +867,10 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                         params.trials,
                         if outcome.success {
                             format!(
-                                "direct after {:.2} ms (dialed after {:.2} ms)",
+                                "direct after {:.2} ms (dialed after {:.2} ms, attempt {})",
                                 outcome.ms.unwrap_or(f64::NAN),
-                                outcome.dial_ms.unwrap_or(f64::NAN)
+                                outcome.dial_ms.unwrap_or(f64::NAN),
+                                outcome.attempt.map_or("?".into(), |a| a.to_string())
                             )
                         } else {
                             outcome.error.clone().unwrap_or_default()
@@ -865,6 +897,7 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                     setup_failures,
                     median_ms: success_median(&outcomes, |o| o.ms),
                     median_dial_ms: success_median(&outcomes, |o| o.dial_ms),
+                    successes_by_attempt: by_attempt(&outcomes),
                     outcomes,
                     paths,
                 });
@@ -905,6 +938,14 @@ pub async fn run(params: &NatParams, out: &Path) -> Result<NatReport> {
                 target,
                 Some(pass),
             ));
+            lines.push([
+                format!("{pairing} {transport}: direct at attempt 1 / 2 / 3"),
+                attempts_text(s),
+                attempts_text(b),
+                "-".into(),
+                "-".into(),
+                String::new(),
+            ]);
             let target = format!("≤ baseline + {}%", params.margin_pct);
             if let (Some(sm), Some(bm), Some(c)) =
                 (s.median_ms, b.median_ms, compare(s, b, params.margin_pct))
@@ -1057,12 +1098,14 @@ mod tests {
             setup_failures: 0,
             median_ms: stats::median(ms.to_vec()),
             median_dial_ms: None,
+            successes_by_attempt: vec![ms.len(), 0, 0],
             outcomes: ms
                 .iter()
                 .map(|&ms| Outcome {
                     success: true,
                     ms: Some(ms),
                     dial_ms: None,
+                    attempt: Some(1),
                     error: None,
                 })
                 .collect(),
@@ -1125,5 +1168,26 @@ mod tests {
         assert!(all
             .iter()
             .all(|(n, mix)| mix.other_build == (*n == OTHER_BUILD)));
+    }
+
+    #[test]
+    fn successes_are_counted_by_the_attempt_that_succeeded() {
+        let outcome = |success, attempt| Outcome {
+            success,
+            ms: Some(1.0),
+            dial_ms: None,
+            attempt,
+            error: None,
+        };
+        let outcomes = [
+            outcome(true, Some(1)),
+            outcome(true, Some(2)),
+            outcome(true, Some(2)),
+            outcome(true, None),
+            // Out of DCUtR's range, and a failure's dial count: in no column.
+            outcome(true, Some(0)),
+            outcome(false, Some(3)),
+        ];
+        assert_eq!(by_attempt(&outcomes), vec![1, 2, 0]);
     }
 }

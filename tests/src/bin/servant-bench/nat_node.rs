@@ -35,8 +35,26 @@ pub struct Outcome {
     /// exchange over the relay; the rest of `ms` is the direct handshake.
     #[serde(default)]
     pub dial_ms: Option<f64>,
+    /// Which of the reporting peer's direct dials since the relayed connection made
+    /// the direct connection (1 to 3: DCUtR's rounds, one dial from either side
+    /// each); for a failure, how many dials it made.
+    #[serde(default)]
+    pub attempt: Option<u32>,
     /// Why it failed.
     pub error: Option<String>,
+}
+
+impl Outcome {
+    /// A trial that ended without a direct connection, with nothing measured.
+    pub fn failed(error: String) -> Self {
+        Outcome {
+            success: false,
+            ms: None,
+            dial_ms: None,
+            attempt: None,
+            error: Some(error),
+        }
+    }
 }
 
 #[derive(NetworkBehaviour)]
@@ -161,14 +179,15 @@ pub async fn dial(
     swarm.dial(target)?;
     let mut relayed_at: Option<Instant> = None;
     let mut dial_ms: Option<f64> = None;
+    // Our dials of the target once the relayed connection is up: DCUtR's, one a round.
+    let mut dials = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(crate::nat::OUTCOME_WAIT);
     let outcome = loop {
         let Ok(event) = tokio::time::timeout_at(deadline, swarm.select_next_some()).await else {
             break Outcome {
-                success: false,
-                ms: None,
                 dial_ms,
-                error: Some(format!("no outcome within {} s", crate::nat::OUTCOME_WAIT)),
+                attempt: u32::try_from(dials.len()).ok(),
+                ..Outcome::failed(format!("no outcome within {} s", crate::nat::OUTCOME_WAIT))
             };
         };
         match event {
@@ -180,24 +199,31 @@ pub async fn dial(
             }
             SwarmEvent::Dialing {
                 peer_id: Some(peer),
-                ..
-            } if Some(peer) == target_peer && dial_ms.is_none() => {
-                dial_ms = relayed_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+                connection_id,
+            } if Some(peer) == target_peer && relayed_at.is_some() => {
+                if dial_ms.is_none() {
+                    dial_ms = relayed_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+                }
+                dials.push(connection_id);
             }
             SwarmEvent::Behaviour(PeerEvent::Dcutr(e)) => {
                 let ms = relayed_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
                 break match e.result {
-                    Ok(_) => Outcome {
+                    Ok(direct) => Outcome {
                         success: true,
                         ms,
                         dial_ms,
+                        attempt: dials
+                            .iter()
+                            .position(|c| *c == direct)
+                            .and_then(|i| u32::try_from(i + 1).ok()),
                         error: None,
                     },
                     Err(err) => Outcome {
-                        success: false,
                         ms,
                         dial_ms,
-                        error: Some(err.to_string()),
+                        attempt: u32::try_from(dials.len()).ok(),
+                        ..Outcome::failed(err.to_string())
                     },
                 };
             }
