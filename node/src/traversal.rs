@@ -79,6 +79,11 @@ pub struct HolePunchView {
     pub attempt: Option<u32>,
     /// Unix time of the outcome, in seconds.
     pub at: u64,
+    /// The same in microseconds: with `after_us` it places the relayed connection on
+    /// the wall clock, so both peers' reports of one hole punch can be put on one time
+    /// line (the first direct connection either side saw).
+    #[serde(default)]
+    pub at_us: u64,
 }
 
 /// Reachability, role and relays, for `servant status`, `/v1/reach` and `doctor`.
@@ -479,6 +484,9 @@ impl Traversal {
         if self.holepunches.len() >= RECENT_HOLEPUNCHES {
             self.holepunches.pop_front();
         }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         self.holepunches.push_back(HolePunchView {
             peer: peer.to_string(),
             success,
@@ -487,10 +495,8 @@ impl Traversal {
             after_us: after.map(|a| a.as_micros() as u64),
             dial_after_us: dial_after.map(|a| a.as_micros() as u64),
             attempt,
-            at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            at: now.as_secs(),
+            at_us: now.as_micros() as u64,
         });
     }
 

@@ -161,6 +161,9 @@ enum Mode {
         /// Where to write the relay's id, the circuit address or the outcome.
         #[arg(long)]
         file: PathBuf,
+        /// Where `listen` writes its side of the hole punch.
+        #[arg(long)]
+        outcome: Option<PathBuf>,
     },
     /// The bare-stream server (used by `files`).
     #[command(hide = true)]
@@ -268,6 +271,7 @@ fn main() -> Result<()> {
             relay,
             target,
             file,
+            outcome,
         } => stream_runtime()?.block_on(async move {
             // The same filter variable as Servant's, so a trial's logs line up.
             if let Ok(filter) = std::env::var("SERVANT_LOG_LEVEL") {
@@ -275,7 +279,9 @@ fn main() -> Result<()> {
             }
             match (role.as_str(), relay, target) {
                 ("relay", _, _) => nat_node::relay(listen, &file).await,
-                ("listen", Some(relay), _) => nat_node::listen(listen, relay, &file).await,
+                ("listen", Some(relay), _) => {
+                    nat_node::listen(listen, relay, &file, outcome.as_deref()).await
+                }
                 ("dial", Some(relay), Some(target)) => {
                     nat_node::dial(listen, relay, target, &file).await
                 }

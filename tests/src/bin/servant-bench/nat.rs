@@ -421,7 +421,8 @@ async fn bare_peers(
     let me = std::env::current_exe()?;
     let addr_file = dir.join("pb.addr");
     let out = dir.join("outcome.json");
-    for f in [&addr_file, &out] {
+    let out_b = dir.join("outcome-pb.json");
+    for f in [&addr_file, &out, &out_b] {
         let _ = std::fs::remove_file(f);
     }
     let s = |p: &Path| p.display().to_string();
@@ -438,6 +439,8 @@ async fn bare_peers(
             relay_full.into(),
             "--file".into(),
             s(&addr_file),
+            "--outcome".into(),
+            s(&out_b),
         ],
     )?;
     let target = read_when_ready(&addr_file, Duration::from_secs(15)).await?;
@@ -459,7 +462,57 @@ async fn bare_peers(
         ],
     )?;
     let text = read_when_ready(&out, Duration::from_secs(45)).await?;
-    Ok(serde_json::from_str(&text)?)
+    let a: Outcome = serde_json::from_str(&text)?;
+    // The listener's report, if it has one by now: a success there that came first
+    // is written before the dialer's.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = std::fs::read_to_string(&out_b)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Outcome>(&t).ok());
+    Ok(merge(a, b.into_iter().collect()))
+}
+
+/// One trial's outcome from both peers' reports, `first` the dialer's. Each peer
+/// measures from its own relayed connection and sees only its own dials succeed (DCUtR
+/// reports a success on the side whose dial made the connection, and nothing on the
+/// side that accepted it), so the dialer's report alone can miss a direct connection
+/// the other side made in time. On one wall clock (`at_us`): from the first relayed
+/// connection either saw to the first direct one either saw, the dial from the first
+/// either made, and the attempt of the side that went direct first.
+fn merge(first: Outcome, others: Vec<Outcome>) -> Outcome {
+    let all: Vec<&Outcome> = std::iter::once(&first).chain(&others).collect();
+    let us = |ms: f64| ms * 1000.0;
+    // Where a report lacks the clock (an older build's), the dialer's stands.
+    let relayed = |o: &Outcome| Some(o.at_us? as f64 - us(o.ms?));
+    let Some(relayed_at) = all.iter().filter_map(|o| relayed(o)).reduce(f64::min) else {
+        return first;
+    };
+    let Some(winner) = all
+        .iter()
+        .filter(|o| o.success && o.at_us.is_some())
+        .min_by_key(|o| o.at_us)
+    else {
+        return if first.success {
+            first
+        } else {
+            all.into_iter()
+                .find(|o| o.success)
+                .cloned()
+                .unwrap_or(first)
+        };
+    };
+    let dial_at = all
+        .iter()
+        .filter_map(|o| Some(relayed(o)? + us(o.dial_ms?)))
+        .reduce(f64::min);
+    Outcome {
+        success: true,
+        ms: winner.at_us.map(|at| (at as f64 - relayed_at) / 1000.0),
+        dial_ms: dial_at.map(|at| (at - relayed_at) / 1000.0),
+        attempt: winner.attempt,
+        error: None,
+        at_us: winner.at_us,
+    }
 }
 
 /// Asks the API of the Servant node in namespace `ns` over a socket made inside it,
@@ -566,24 +619,20 @@ async fn servant_peers(
             let view = reach(ns).await?;
             punches.extend(view["holepunches"].as_array().cloned().unwrap_or_default());
         }
-        // Both sides may report the success: the one whose own dial made it says which
-        // round that was.
-        if let Some(h) = punches
-            .iter()
-            .find(|h| h["success"] == true && h["attempt"].is_u64())
-            .or(punches.iter().find(|h| h["success"] == true))
-            .or(punches.first())
-        {
-            return Ok(Outcome {
-                success: h["success"] == true,
-                ms: h["after_us"]
-                    .as_f64()
-                    .map(|us| us / 1000.0)
-                    .or_else(|| h["after_ms"].as_f64()),
-                dial_ms: h["dial_after_us"].as_f64().map(|us| us / 1000.0),
-                attempt: h["attempt"].as_u64().and_then(|a| u32::try_from(a).ok()),
-                error: h["error"].as_str().map(String::from),
-            });
+        // Each side reports its own: put on one time line as the bare peers' are.
+        let mut outcomes = punches.iter().map(|h| Outcome {
+            success: h["success"] == true,
+            ms: h["after_us"]
+                .as_f64()
+                .map(|us| us / 1000.0)
+                .or_else(|| h["after_ms"].as_f64()),
+            dial_ms: h["dial_after_us"].as_f64().map(|us| us / 1000.0),
+            attempt: h["attempt"].as_u64().and_then(|a| u32::try_from(a).ok()),
+            error: h["error"].as_str().map(String::from),
+            at_us: h["at_us"].as_u64().filter(|&at| at > 0),
+        });
+        if let Some(first) = outcomes.next() {
+            return Ok(merge(first, outcomes.collect()));
         }
         if Instant::now() >= deadline {
             return Ok(Outcome::failed(format!(
@@ -1107,6 +1156,7 @@ mod tests {
                     dial_ms: None,
                     attempt: Some(1),
                     error: None,
+                    at_us: None,
                 })
                 .collect(),
             paths: Vec::new(),
@@ -1178,6 +1228,7 @@ mod tests {
             dial_ms: None,
             attempt,
             error: None,
+            at_us: None,
         };
         let outcomes = [
             outcome(true, Some(1)),
@@ -1189,5 +1240,52 @@ mod tests {
             outcome(false, Some(3)),
         ];
         assert_eq!(by_attempt(&outcomes), vec![1, 2, 0]);
+    }
+
+    #[test]
+    fn both_peers_reports_go_on_one_time_line() {
+        // The dialer's relayed connection at 1,000 µs, its own dial direct only at
+        // 1,025,000 µs (a lost first packet); the listener's relayed connection at
+        // 3,000 µs and its dial direct at 27,000 µs.
+        let dialer = Outcome {
+            success: true,
+            ms: Some(1024.0),
+            dial_ms: Some(17.0),
+            attempt: Some(1),
+            error: None,
+            at_us: Some(1_025_000),
+        };
+        let listener = Outcome {
+            success: true,
+            ms: Some(24.0),
+            dial_ms: Some(16.0),
+            attempt: Some(1),
+            error: None,
+            at_us: Some(27_000),
+        };
+        let m = merge(dialer.clone(), vec![listener.clone()]);
+        assert!(m.success);
+        assert_eq!(m.ms, Some(26.0));
+        assert_eq!(m.dial_ms, Some(17.0));
+        assert_eq!(m.at_us, Some(27_000));
+        // The dialer gave up but the listener went direct: a success.
+        let gave_up = Outcome {
+            success: false,
+            ms: Some(15_000.0),
+            attempt: Some(1),
+            error: Some("no outcome within 15 s".into()),
+            at_us: Some(15_001_000),
+            ..dialer.clone()
+        };
+        let m = merge(gave_up.clone(), vec![listener]);
+        assert!(m.success);
+        assert_eq!(m.ms, Some(26.0));
+        // Alone, or without clocks (an older build), the dialer's report stands.
+        assert!(!merge(gave_up, vec![]).success);
+        let old = Outcome {
+            at_us: None,
+            ..dialer
+        };
+        assert_eq!(merge(old, vec![]).ms, Some(1024.0));
     }
 }

@@ -9,18 +9,17 @@
 
 use std::{
     path::Path,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use libp2p::{
-    core::ConnectedPoint,
     dcutr, identify, identity,
     multiaddr::Protocol,
     noise, ping, relay,
-    swarm::{NetworkBehaviour, SwarmEvent},
-    tcp, yamux, Multiaddr, Swarm,
+    swarm::{ConnectionId, NetworkBehaviour, SwarmEvent},
+    tcp, yamux, Multiaddr, PeerId, Swarm,
 };
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +41,11 @@ pub struct Outcome {
     pub attempt: Option<u32>,
     /// Why it failed.
     pub error: Option<String>,
+    /// When the reporting peer saw the outcome, in microseconds since the Unix epoch:
+    /// with `ms` it places that peer's relayed connection on the wall clock, so both
+    /// peers' reports of a trial can be put on one time line.
+    #[serde(default)]
+    pub at_us: Option<u64>,
 }
 
 impl Outcome {
@@ -53,6 +57,7 @@ impl Outcome {
             dial_ms: None,
             attempt: None,
             error: Some(error),
+            at_us: None,
         }
     }
 }
@@ -137,22 +142,113 @@ async fn wait_identify(swarm: &mut Swarm<Peer>) -> Result<()> {
     }
 }
 
+/// What one peer sees of a hole punch: its relayed connection to the other peer, its
+/// own direct dials of it, and DCUtR's outcome. Each peer measures from its own
+/// relayed connection; `Outcome::at_us` puts both on the wall clock.
+#[derive(Default)]
+struct Watch {
+    /// The other peer, once a relayed connection to it is up (known ahead at the dialer).
+    peer: Option<PeerId>,
+    relayed_at: Option<Instant>,
+    dial_ms: Option<f64>,
+    /// Our dials of the other peer once the relayed connection is up: DCUtR's, one a
+    /// round.
+    dials: Vec<ConnectionId>,
+}
+
+impl Watch {
+    fn elapsed_ms(&self) -> Option<f64> {
+        self.relayed_at.map(|t| t.elapsed().as_secs_f64() * 1000.0)
+    }
+
+    /// The outcome, when `event` decides it.
+    fn on_event(&mut self, event: &SwarmEvent<PeerEvent>) -> Option<Outcome> {
+        match event {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } if endpoint.is_relayed() && self.peer.is_none_or(|p| p == *peer_id) => {
+                self.peer = Some(*peer_id);
+                self.relayed_at.get_or_insert_with(Instant::now);
+            }
+            SwarmEvent::Dialing {
+                peer_id: Some(peer),
+                connection_id,
+            } if self.peer == Some(*peer) && self.relayed_at.is_some() => {
+                if self.dial_ms.is_none() {
+                    self.dial_ms = self.elapsed_ms();
+                }
+                self.dials.push(*connection_id);
+            }
+            SwarmEvent::Behaviour(PeerEvent::Dcutr(e)) if Some(e.remote_peer_id) == self.peer => {
+                return Some(match &e.result {
+                    Ok(direct) => Outcome {
+                        success: true,
+                        ms: self.elapsed_ms(),
+                        dial_ms: self.dial_ms,
+                        attempt: self
+                            .dials
+                            .iter()
+                            .position(|c| c == direct)
+                            .and_then(|i| u32::try_from(i + 1).ok()),
+                        error: None,
+                        at_us: Some(unix_us()),
+                    },
+                    Err(err) => self.failure(err.to_string()),
+                });
+            }
+            _ => {}
+        }
+        None
+    }
+
+    /// A failure with what was measured so far.
+    fn failure(&self, error: String) -> Outcome {
+        Outcome {
+            ms: self.elapsed_ms(),
+            dial_ms: self.dial_ms,
+            attempt: u32::try_from(self.dials.len()).ok(),
+            at_us: Some(unix_us()),
+            ..Outcome::failed(error)
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch.
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// Listens on `listen` and through the relay at `relay`; writes the circuit address
-/// to `addr_file` once the relay accepted the reservation; runs until killed.
-pub async fn listen(listen: Multiaddr, relay: Multiaddr, addr_file: &Path) -> Result<()> {
+/// to `addr_file` once the relay accepted the reservation, and its side of the hole
+/// punch to `outcome_file` once DCUtR decides it; runs until killed.
+pub async fn listen(
+    listen: Multiaddr,
+    relay: Multiaddr,
+    addr_file: &Path,
+    outcome_file: Option<&Path>,
+) -> Result<()> {
     let mut swarm = peer_swarm()?;
     swarm.listen_on(listen)?;
     swarm.dial(relay.clone())?;
     wait_identify(&mut swarm).await?;
     swarm.listen_on(relay.with(Protocol::P2pCircuit))?;
     let local = *swarm.local_peer_id();
+    let mut watch = Watch::default();
+    let mut reported = false;
     loop {
         let event = swarm.select_next_some().await;
-        if let SwarmEvent::NewListenAddr { address, .. } = event {
+        if let SwarmEvent::NewListenAddr { address, .. } = &event {
             if address.iter().any(|p| p == Protocol::P2pCircuit) {
-                let full = address.with_p2p(local).unwrap_or_else(|a| a);
+                let full = address.clone().with_p2p(local).unwrap_or_else(|a| a);
                 std::fs::write(addr_file, full.to_string())?;
             }
+        }
+        if let (Some(outcome), Some(path), false) = (watch.on_event(&event), outcome_file, reported)
+        {
+            std::fs::write(path, serde_json::to_vec(&outcome)?)?;
+            reported = true;
         }
     }
 }
@@ -169,68 +265,29 @@ pub async fn dial(
     swarm.dial(relay)?;
     wait_identify(&mut swarm).await?;
     // The last /p2p is the target's (the first is the relay's).
-    let target_peer = target
-        .iter()
-        .filter_map(|p| match p {
-            Protocol::P2p(peer) => Some(peer),
-            _ => None,
-        })
-        .last();
+    let mut watch = Watch {
+        peer: target
+            .iter()
+            .filter_map(|p| match p {
+                Protocol::P2p(peer) => Some(peer),
+                _ => None,
+            })
+            .last(),
+        ..Watch::default()
+    };
     swarm.dial(target)?;
-    let mut relayed_at: Option<Instant> = None;
-    let mut dial_ms: Option<f64> = None;
-    // Our dials of the target once the relayed connection is up: DCUtR's, one a round.
-    let mut dials = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(crate::nat::OUTCOME_WAIT);
     let outcome = loop {
         let Ok(event) = tokio::time::timeout_at(deadline, swarm.select_next_some()).await else {
-            break Outcome {
-                dial_ms,
-                attempt: u32::try_from(dials.len()).ok(),
-                ..Outcome::failed(format!("no outcome within {} s", crate::nat::OUTCOME_WAIT))
-            };
+            break watch.failure(format!("no outcome within {} s", crate::nat::OUTCOME_WAIT));
         };
-        match event {
-            SwarmEvent::ConnectionEstablished {
-                endpoint: ConnectedPoint::Dialer { address, .. },
-                ..
-            } if address.iter().any(|p| p == Protocol::P2pCircuit) => {
-                relayed_at.get_or_insert_with(Instant::now);
-            }
-            SwarmEvent::Dialing {
-                peer_id: Some(peer),
-                connection_id,
-            } if Some(peer) == target_peer && relayed_at.is_some() => {
-                if dial_ms.is_none() {
-                    dial_ms = relayed_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
-                }
-                dials.push(connection_id);
-            }
-            SwarmEvent::Behaviour(PeerEvent::Dcutr(e)) => {
-                let ms = relayed_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
-                break match e.result {
-                    Ok(direct) => Outcome {
-                        success: true,
-                        ms,
-                        dial_ms,
-                        attempt: dials
-                            .iter()
-                            .position(|c| *c == direct)
-                            .and_then(|i| u32::try_from(i + 1).ok()),
-                        error: None,
-                    },
-                    Err(err) => Outcome {
-                        ms,
-                        dial_ms,
-                        attempt: u32::try_from(dials.len()).ok(),
-                        ..Outcome::failed(err.to_string())
-                    },
-                };
-            }
-            SwarmEvent::OutgoingConnectionError { error, .. } if relayed_at.is_none() => {
+        if let Some(outcome) = watch.on_event(&event) {
+            break outcome;
+        }
+        if let SwarmEvent::OutgoingConnectionError { error, .. } = &event {
+            if watch.relayed_at.is_none() {
                 bail!("dial failed: {error}");
             }
-            _ => {}
         }
     };
     std::fs::write(out, serde_json::to_vec(&outcome)?)?;
