@@ -73,8 +73,9 @@ pub struct HolePunchView {
     pub dial_after_us: Option<u64>,
     /// Which of this node's direct dials of the peer since the relayed connection
     /// opened made the direct connection (DCUtR tries up to three rounds, each with
-    /// one dial from either side); for a failure, how many dials this node made. None
-    /// when the connection came from the other side's dial.
+    /// one dial from either side); for a failure, how many dials this node made. DCUtR
+    /// reports a success only on the side whose own dial made the connection; None when
+    /// this node did not see that dial start.
     #[serde(default)]
     pub attempt: Option<u32>,
     /// Unix time of the outcome, in seconds.
