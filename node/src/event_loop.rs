@@ -563,6 +563,7 @@ impl EventLoop {
             self.swarm.close_connection(connection_id);
         }
         if num_established == 1 {
+            self.restarts.on_connected(&peer);
             self.peer_manager.on_connected(peer, now);
             tracing::debug!(%peer, %addr, outbound, "connected");
             self.publish_health(None);
@@ -626,19 +627,12 @@ impl EventLoop {
         }
         if num_established == 0 {
             self.peers.remove(&peer);
-            let reconnect = self.restarts.on_disconnected(&peer);
+            self.restarts.on_disconnected(&peer, Instant::now());
             self.slow_gossip.forget(&peer);
             self.peer_manager
                 .on_disconnected(peer, Instant::now(), chosen);
             tracing::debug!(%peer, cause = ?cause, "disconnected");
             self.publish_health(None);
-            if let Some(addrs) = reconnect {
-                self.dial(Candidate {
-                    peer,
-                    addrs,
-                    source: Source::Known,
-                });
-            }
         }
         self.metrics
             .connected_peers
@@ -1178,6 +1172,15 @@ impl EventLoop {
     fn on_tick(&mut self) {
         let now = Instant::now();
         self.restarts.expire(now);
+        for (peer, addrs) in self.restarts.due(now) {
+            if !self.swarm.is_connected(&peer) {
+                self.dial(Candidate {
+                    peer,
+                    addrs,
+                    source: Source::Known,
+                });
+            }
+        }
         crate::chunk_pool::purge();
         if now.duration_since(self.log_report.1) >= LOG_REPORT_INTERVAL {
             self.log_report.1 = now;

@@ -14,9 +14,9 @@
 //! lives. That alone would also fit a peer that simply vanished, its connections
 //! timing out one after the other, so the newer connection must then prove the peer
 //! alive: only a ping answered on it after the death makes the peer a restart. Then
-//! every connection to the peer closes, any that arrives meanwhile too, and once
-//! the last is gone the peer is dialed again, so both ends start their protocols
-//! afresh. A peer is reset at most once per [`RESET_EVERY`]: a path that keeps
+//! every connection to the peer closes, any that arrives meanwhile too, and
+//! [`REDIAL_PAUSE`] after the last is gone the peer is dialed again, so both ends
+//! start their protocols afresh. A peer is reset at most once per [`RESET_EVERY`]: a path that keeps
 //! failing (one flow dropped by a firewall) must not cost its working connection
 //! every few seconds. This is a plain state machine; the event loop does the I/O.
 
@@ -35,6 +35,14 @@ pub const PROOF_WAIT: Duration = Duration::from_secs(25);
 /// How long the connections of a peer being reset may take to close before the reset
 /// is given up (the redial then does not happen).
 pub const CLOSE_WAIT: Duration = Duration::from_secs(10);
+/// How long after a reset's last connection closed the peer is dialed again, unless
+/// it connected by itself meanwhile. The restarted peer may have dialed us during the
+/// reset; we closed that connection, but it greeted us on it (it was its first), and
+/// if our redial lands there before it has seen that connection close, it takes ours
+/// for a second one and greets nobody: its subscriptions never reach us and every
+/// GRAFT it sends is dropped (libp2p-gossipsub 0.50 takes a GRAFT only from a peer
+/// known to subscribe). Waiting lets its end catch up, or its own redial come first.
+pub const REDIAL_PAUSE: Duration = Duration::from_secs(2);
 /// A peer is reset at most this often.
 pub const RESET_EVERY: Duration = Duration::from_secs(300);
 /// Most peers tracked in each state; beyond it new deaths are not judged (they are
@@ -95,6 +103,8 @@ pub struct Restarts {
     suspects: HashMap<PeerId, Suspect>,
     /// Being disconnected: when, and where to dial them once they are.
     resetting: HashMap<PeerId, (Instant, Vec<Multiaddr>)>,
+    /// Disconnected: when to dial them again, and where.
+    redial: HashMap<PeerId, (Instant, Vec<Multiaddr>)>,
     last_reset: HashMap<PeerId, Instant>,
 }
 
@@ -155,23 +165,47 @@ impl Restarts {
         self.resetting.contains_key(peer)
     }
 
-    /// The last connection to `peer` closed: the addresses to dial it at, if it was
-    /// being reset (empty: let the behaviours' address books supply them).
-    pub fn on_disconnected(&mut self, peer: &PeerId) -> Option<Vec<Multiaddr>> {
+    /// The last connection to `peer` closed. If it was being reset, it is to be
+    /// dialed again [`REDIAL_PAUSE`] from `now` (see [`Restarts::due`]).
+    pub fn on_disconnected(&mut self, peer: &PeerId, now: Instant) {
         self.suspects.remove(peer);
-        self.resetting.remove(peer).map(|(_, addrs)| addrs)
+        if let Some((_, addrs)) = self.resetting.remove(peer) {
+            self.redial.insert(*peer, (now + REDIAL_PAUSE, addrs));
+        }
+    }
+
+    /// A connection to `peer` was established. One awaited after a reset ends it: the
+    /// peer found its way back by itself, and both ends see the connection as its first.
+    pub fn on_connected(&mut self, peer: &PeerId) {
+        self.redial.remove(peer);
+    }
+
+    /// Peers whose pause after a reset is over, with the addresses to dial them at
+    /// (empty: let the behaviours' address books supply them). Each is returned once.
+    pub fn due(&mut self, now: Instant) -> Vec<(PeerId, Vec<Multiaddr>)> {
+        let due: Vec<PeerId> = self
+            .redial
+            .iter()
+            .filter(|(_, (at, _))| *at <= now)
+            .map(|(peer, _)| *peer)
+            .collect();
+        due.into_iter()
+            .filter_map(|peer| self.redial.remove(&peer).map(|(_, addrs)| (peer, addrs)))
+            .collect()
     }
 
     /// `peer` is being disconnected on purpose (trimmed, too slow, banned): no redial.
     pub fn forget(&mut self, peer: &PeerId) {
         self.suspects.remove(peer);
         self.resetting.remove(peer);
+        self.redial.remove(peer);
     }
 
     /// Forgets everything: the node is shutting down.
     pub fn clear(&mut self) {
         self.suspects.clear();
         self.resetting.clear();
+        self.redial.clear();
     }
 
     /// Drops suspicions never proved, resets whose connections never all closed, and
@@ -255,10 +289,15 @@ mod tests {
         assert_eq!(r.on_pong(peer, t), None);
         let proved = r.on_pong(peer, t + Duration::from_secs(4));
         assert_eq!(proved.map(|p| p.why), Some("its transport timed out"));
-        r.resetting(peer, vec![], t + Duration::from_secs(4));
+        let closed = t + Duration::from_secs(4);
+        r.resetting(peer, vec![], closed);
         assert!(r.is_resetting(&peer));
-        assert_eq!(r.on_disconnected(&peer), Some(vec![]));
+        r.on_disconnected(&peer, closed);
         assert!(!r.is_resetting(&peer));
+        // Dialed again once the pause is over, and only once.
+        assert!(r.due(closed + REDIAL_PAUSE / 2).is_empty());
+        assert_eq!(r.due(closed + REDIAL_PAUSE), vec![(peer, vec![])]);
+        assert!(r.due(closed + REDIAL_PAUSE * 2).is_empty());
         // Another death soon after is not judged again.
         r.on_death(
             peer,
@@ -286,7 +325,19 @@ mod tests {
             None
         );
         r.on_death(peer, "its transport timed out", vec![], t);
-        assert_eq!(r.on_disconnected(&peer), None);
+        r.on_disconnected(&peer, t);
+        assert!(r.due(t + REDIAL_PAUSE).is_empty());
+    }
+
+    #[test]
+    fn a_peer_that_comes_back_by_itself_during_the_pause_is_not_dialed() {
+        let (t, peer) = (Instant::now(), PeerId::random());
+        let addr: Multiaddr = "/ip4/127.0.0.1/udp/4001/quic-v1".parse().expect("addr");
+        let mut r = Restarts::default();
+        r.resetting(peer, vec![addr], t);
+        r.on_disconnected(&peer, t);
+        r.on_connected(&peer);
+        assert!(r.due(t + REDIAL_PAUSE).is_empty());
     }
 
     #[test]
@@ -295,9 +346,16 @@ mod tests {
         let mut r = Restarts::default();
         r.resetting(peer, vec![], t);
         r.expire(t + CLOSE_WAIT);
-        assert_eq!(r.on_disconnected(&peer), None);
+        r.on_disconnected(&peer, t + CLOSE_WAIT);
+        assert!(r.due(t + CLOSE_WAIT + REDIAL_PAUSE).is_empty());
         r.resetting(peer, vec![], t);
         r.forget(&peer);
-        assert_eq!(r.on_disconnected(&peer), None);
+        r.on_disconnected(&peer, t);
+        assert!(r.due(t + REDIAL_PAUSE).is_empty());
+        // Forgotten during the pause: no redial either.
+        r.resetting(peer, vec![], t);
+        r.on_disconnected(&peer, t);
+        r.forget(&peer);
+        assert!(r.due(t + REDIAL_PAUSE).is_empty());
     }
 }

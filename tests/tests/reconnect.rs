@@ -85,6 +85,18 @@ async fn reconnects_when_peers_return() -> Result<()> {
     Ok(())
 }
 
+/// The nodes' own debug lines and gossipsub's.
+const GOSSIP_LOG: &str = "info,servant=debug,libp2p_gossipsub::behaviour=debug";
+/// Lines of a node's log that tell how its connections and mesh came and went.
+const GOSSIP_CLUES: &[&str] = &[
+    "connected",
+    "closing",
+    "restart",
+    "GRAFT",
+    "PRUNE",
+    "New peer connected",
+];
+
 /// A node killed without warning comes back over QUIC before its peer has noticed the
 /// old connection is dead (nothing like a TCP reset ends a QUIC connection), so the
 /// peer sees the new connection as its second. Gossipsub greets a peer only on its
@@ -94,16 +106,20 @@ async fn reconnects_when_peers_return() -> Result<()> {
 async fn a_peer_restarted_behind_a_live_quic_connection_is_greeted_afresh() -> Result<()> {
     const TOPIC: &str = "restarts";
     let mut net = Net::new();
-    let steady = net.spawn("steady", &[]).await?;
+    // Gossipsub's own lines say which GRAFT was refused and why, should this fail.
+    let gossip_log = ("SERVANT_LOG_LEVEL".to_string(), GOSSIP_LOG.to_string());
+    let steady = net.add("steady", &[]);
+    net[steady].env.push(gossip_log.clone());
+    net[steady].start().await?;
     let quic = format!(
         "/ip4/{}/udp/{}/quic-v1/p2p/{}",
         net[steady].p2p_host,
         net[steady].p2p_port,
         net[steady].id()
     );
-    let restarter = net
-        .spawn("restarter", &["--bootnode".into(), quic.clone()])
-        .await?;
+    let restarter = net.add("restarter", &["--bootnode".into(), quic.clone()]);
+    net[restarter].env.push(gossip_log);
+    net[restarter].start().await?;
     let mut steady_sub = net[steady].subscribe(TOPIC).await?;
     let restarter_sub = net[restarter].subscribe(TOPIC).await?;
     net[restarter]
@@ -152,10 +168,21 @@ async fn a_peer_restarted_behind_a_live_quic_connection_is_greeted_afresh() -> R
     // The restarter counts steady in its mesh once it has sent its GRAFT; steady takes
     // the restarter into its own (and learns it subscribes) only when that arrives,
     // which on a loaded machine can be later than the first publish below.
-    net[steady]
+    if let Err(e) = net[steady]
         .wait_mesh(TOPIC, 1, Duration::from_secs(20))
         .await
-        .context("steady never took the restarted node back into its mesh")?;
+    {
+        let log = net[steady].log();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| GOSSIP_CLUES.iter().any(|c| l.contains(c)))
+            .collect();
+        let tail = &lines[lines.len().saturating_sub(60)..];
+        return Err(e.context(format!(
+            "steady never took the restarted node back into its mesh; steady's connection and GRAFT lines:\n{}",
+            tail.join("\n")
+        )));
+    }
     let restarts = net[steady].metric("servant_peer_restarts_total").await?;
     assert!(
         restarts >= 1.0,
