@@ -422,7 +422,8 @@ async fn bare_peers(
     let addr_file = dir.join("pb.addr");
     let out = dir.join("outcome.json");
     let out_b = dir.join("outcome-pb.json");
-    for f in [&addr_file, &out, &out_b] {
+    let relayed_a = crate::nat_node::relayed_file(&out);
+    for f in [&addr_file, &out, &out_b, &relayed_a] {
         let _ = std::fs::remove_file(f);
     }
     let s = |p: &Path| p.display().to_string();
@@ -461,15 +462,36 @@ async fn bare_peers(
             s(&out),
         ],
     )?;
-    let text = read_when_ready(&out, Duration::from_secs(45)).await?;
-    let a: Outcome = serde_json::from_str(&text)?;
-    // The listener's report, if it has one by now: a success there that came first
-    // is written before the dialer's.
+    // Whichever peer reports first ends the wait, as with Servant's peers: DCUtR
+    // reports only on the side whose dial decided it, so waiting for the dialer's
+    // report cost a trial the dialer's whole wait whenever the listener's dial won.
+    let read = |p: &Path| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Outcome>(&t).ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while read(&out).is_none() && read(&out_b).is_none() {
+        if Instant::now() >= deadline {
+            bail!("neither bare peer reported within 45 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The other's report, if it comes at about the same time.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let b = std::fs::read_to_string(&out_b)
+    let dialer_relayed = std::fs::read_to_string(&relayed_a)
         .ok()
-        .and_then(|t| serde_json::from_str::<Outcome>(&t).ok());
-    Ok(merge(a, b.into_iter().collect()))
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .map(crate::nat_node::relayed_only);
+    let mut reports: Vec<Outcome> = [read(&out), read(&out_b), dialer_relayed]
+        .into_iter()
+        .flatten()
+        .collect();
+    if reports.is_empty() {
+        bail!("a bare peer's report vanished");
+    }
+    let first = reports.remove(0);
+    Ok(merge(first, reports))
 }
 
 /// One trial's outcome from both peers' reports, `first` the dialer's. Each peer
@@ -1277,9 +1299,15 @@ mod tests {
             at_us: Some(15_001_000),
             ..dialer.clone()
         };
-        let m = merge(gave_up.clone(), vec![listener]);
+        let m = merge(gave_up.clone(), vec![listener.clone()]);
         assert!(m.success);
         assert_eq!(m.ms, Some(26.0));
+        // The listener reported first and the dialer only noted its relayed
+        // connection: the trial still starts at the dialer's.
+        let m = merge(listener.clone(), vec![crate::nat_node::relayed_only(1_000)]);
+        assert!(m.success);
+        assert_eq!(m.ms, Some(26.0));
+        assert_eq!(m.dial_ms, Some(18.0));
         // Alone, or without clocks (an older build), the dialer's report stands.
         assert!(!merge(gave_up, vec![]).success);
         let old = Outcome {

@@ -154,6 +154,8 @@ struct Watch {
     /// Our dials of the other peer once the relayed connection is up: DCUtR's, one a
     /// round.
     dials: Vec<ConnectionId>,
+    /// When the relayed connection came up, in microseconds since the Unix epoch.
+    relayed_unix_us: Option<u64>,
 }
 
 impl Watch {
@@ -169,6 +171,7 @@ impl Watch {
             } if endpoint.is_relayed() && self.peer.is_none_or(|p| p == *peer_id) => {
                 self.peer = Some(*peer_id);
                 self.relayed_at.get_or_insert_with(Instant::now);
+                self.relayed_unix_us.get_or_insert_with(unix_us);
             }
             SwarmEvent::Dialing {
                 peer_id: Some(peer),
@@ -253,6 +256,23 @@ pub async fn listen(
     }
 }
 
+/// Where the dialer notes when its relayed connection came up, ahead of its report:
+/// DCUtR may report nothing on its side (the listener's dial won), and the bench need
+/// not wait out [`crate::nat::OUTCOME_WAIT`] to learn where the trial started.
+pub fn relayed_file(out: &Path) -> std::path::PathBuf {
+    out.with_extension("relayed")
+}
+
+/// A report of nothing but the relayed connection's time, from [`relayed_file`]: no
+/// outcome, so no success, but a place on the trial's time line.
+pub fn relayed_only(at_us: u64) -> Outcome {
+    Outcome {
+        ms: Some(0.0),
+        at_us: Some(at_us),
+        ..Outcome::failed("the dialer had not reported".into())
+    }
+}
+
 /// Dials `target` (a circuit address) and reports the hole punch to `out`.
 pub async fn dial(
     listen: Multiaddr,
@@ -281,7 +301,12 @@ pub async fn dial(
         let Ok(event) = tokio::time::timeout_at(deadline, swarm.select_next_some()).await else {
             break watch.failure(format!("no outcome within {} s", crate::nat::OUTCOME_WAIT));
         };
-        if let Some(outcome) = watch.on_event(&event) {
+        let before = watch.relayed_unix_us;
+        let outcome = watch.on_event(&event);
+        if let (None, Some(at)) = (before, watch.relayed_unix_us) {
+            std::fs::write(relayed_file(out), at.to_string())?;
+        }
+        if let Some(outcome) = outcome {
             break outcome;
         }
         if let SwarmEvent::OutgoingConnectionError { error, .. } = &event {
