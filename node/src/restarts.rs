@@ -36,12 +36,12 @@ pub const PROOF_WAIT: Duration = Duration::from_secs(25);
 /// is given up (the redial then does not happen).
 pub const CLOSE_WAIT: Duration = Duration::from_secs(10);
 /// How long after a reset's last connection closed the peer is dialed again, unless
-/// it connected by itself meanwhile. The restarted peer may have dialed us during the
-/// reset; we closed that connection, but it greeted us on it (it was its first), and
-/// if our redial lands there before it has seen that connection close, it takes ours
-/// for a second one and greets nobody: its subscriptions never reach us and every
-/// GRAFT it sends is dropped (libp2p-gossipsub 0.50 takes a GRAFT only from a peer
-/// known to subscribe). Waiting lets its end catch up, or its own redial come first.
+/// it connected by itself meanwhile. The restarted peer greeted us on the connection
+/// the reset closed (its first since it started); if our redial reaches it before it
+/// has processed that close, it takes ours for a second connection and greets nobody:
+/// its subscriptions never reach us and every GRAFT it sends is dropped
+/// (libp2p-gossipsub 0.50 takes a GRAFT only from a peer known to subscribe). Waiting
+/// lets its end catch up, or its own redial come first.
 pub const REDIAL_PAUSE: Duration = Duration::from_secs(2);
 /// A peer is reset at most this often.
 pub const RESET_EVERY: Duration = Duration::from_secs(300);
