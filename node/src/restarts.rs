@@ -183,15 +183,15 @@ impl Restarts {
     /// Peers whose pause after a reset is over, with the addresses to dial them at
     /// (empty: let the behaviours' address books supply them). Each is returned once.
     pub fn due(&mut self, now: Instant) -> Vec<(PeerId, Vec<Multiaddr>)> {
-        let due: Vec<PeerId> = self
-            .redial
-            .iter()
-            .filter(|(_, (at, _))| *at <= now)
-            .map(|(peer, _)| *peer)
-            .collect();
-        due.into_iter()
-            .filter_map(|peer| self.redial.remove(&peer).map(|(_, addrs)| (peer, addrs)))
-            .collect()
+        let mut due = Vec::new();
+        self.redial.retain(|peer, (at, addrs)| {
+            let keep = *at > now;
+            if !keep {
+                due.push((*peer, std::mem::take(addrs)));
+            }
+            keep
+        });
+        due
     }
 
     /// `peer` is being disconnected on purpose (trimmed, too slow, banned): no redial.
@@ -332,7 +332,12 @@ mod tests {
     #[test]
     fn a_peer_that_comes_back_by_itself_during_the_pause_is_not_dialed() {
         let (t, peer) = (Instant::now(), PeerId::random());
-        let addr: Multiaddr = "/ip4/127.0.0.1/udp/4001/quic-v1".parse().expect("addr");
+        let addr = Multiaddr::empty()
+            .with(libp2p::multiaddr::Protocol::Ip4(
+                std::net::Ipv4Addr::LOCALHOST,
+            ))
+            .with(libp2p::multiaddr::Protocol::Udp(4001))
+            .with(libp2p::multiaddr::Protocol::QuicV1);
         let mut r = Restarts::default();
         r.resetting(peer, vec![addr], t);
         r.on_disconnected(&peer, t);

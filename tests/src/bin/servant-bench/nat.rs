@@ -483,15 +483,11 @@ async fn bare_peers(
         .ok()
         .and_then(|t| t.trim().parse::<u64>().ok())
         .map(crate::nat_node::relayed_only);
-    let mut reports: Vec<Outcome> = [read(&out), read(&out_b), dialer_relayed]
+    let mut reports = [read(&out), read(&out_b), dialer_relayed]
         .into_iter()
-        .flatten()
-        .collect();
-    if reports.is_empty() {
-        bail!("a bare peer's report vanished");
-    }
-    let first = reports.remove(0);
-    Ok(merge(first, reports))
+        .flatten();
+    let first = reports.next().context("a bare peer's report vanished")?;
+    Ok(merge(first, reports.collect()))
 }
 
 /// One trial's outcome from both peers' reports, `first` the dialer's. Each peer
