@@ -976,8 +976,10 @@ impl EventLoop {
                 self.reset_if_restarted(event.peer);
                 self.traversal.on_rtt(event.peer, rtt);
             }
-            // A peer without ping is not dead; it just cannot be measured.
+            // A peer without ping is not dead; it just cannot be measured. Streams are
+            // negotiated lazily, so its refusal comes as a failed ping.
             Err(ping::Failure::Unsupported) => {}
+            Err(e) if crate::negotiation::refused(&e) => {}
             Err(e) => {
                 tracing::debug!(peer = %event.peer, error = %e, "ping failed; closing the connection");
                 self.metrics.ping_failures.inc();

@@ -44,6 +44,7 @@ mod linked;
 pub mod log_limit;
 pub mod logging;
 pub mod metrics;
+pub mod negotiation;
 pub mod node;
 pub mod part_file;
 pub mod peer_manager;

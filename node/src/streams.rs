@@ -54,7 +54,9 @@ const MAX_WAITING_FOR_DIAL: usize = 256;
 /// Why a stream could not be opened.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OpenStreamError {
-    /// The peer does not speak the protocol.
+    /// The peer does not speak the protocol. Only where the stream is negotiated
+    /// eagerly: Servant's swarm negotiates lazily, so there the refusal comes on the
+    /// stream's first read instead (see [`crate::negotiation::refused`]).
     #[error("the peer does not support {0}")]
     UnsupportedProtocol(StreamProtocol),
     /// The peer could not be reached.

@@ -147,7 +147,15 @@ async fn exchange(
     loop {
         let msg: Message = wire::read(&mut stream, wire::MAX_MESSAGE_BYTES)
             .await
-            .map_err(|e| ExchangeError::Unanswered(format!("reading the response: {e}")))?;
+            .map_err(|e| {
+                // The stream was negotiated lazily: a server that does not speak the
+                // protocol refuses it here, which says nothing about our address.
+                if crate::negotiation::refused(&e) {
+                    ExchangeError::Other("the server does not speak AutoNAT v2".into())
+                } else {
+                    ExchangeError::Unanswered(format!("reading the response: {e}"))
+                }
+            })?;
         match msg.msg {
             Some(Msg::DialDataRequest(req)) => {
                 sent_data = data_budget(sent_data, req.num_bytes)?;
