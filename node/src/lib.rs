@@ -63,6 +63,8 @@ pub mod stream_count;
 pub mod streams;
 pub mod subscription_cap;
 pub mod swarm;
+#[cfg(test)]
+mod test_swarm;
 pub mod token_bucket;
 pub mod traversal;
 pub mod upnp;

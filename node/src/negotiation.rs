@@ -64,21 +64,7 @@ mod tests {
 
     /// A swarm on TCP that opens its streams as Servant's does.
     fn swarm_of<B: NetworkBehaviour>(make: impl FnOnce() -> B) -> Swarm<B> {
-        libp2p::SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(
-                Default::default(),
-                libp2p::noise::Config::new,
-                libp2p::yamux::Config::default,
-            )
-            .expect("tcp transport")
-            .with_behaviour(|_| make())
-            .expect("behaviour")
-            .with_swarm_config(|c| {
-                c.with_idle_connection_timeout(Duration::from_secs(60))
-                    .with_substream_upgrade_protocol_override(OUTBOUND)
-            })
-            .build()
+        crate::test_swarm::tcp(make, OUTBOUND)
     }
 
     #[test]
@@ -98,14 +84,7 @@ mod tests {
         let mut client = swarm_of(|| {
             ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_millis(50)))
         });
-        server
-            .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
-            .expect("listen");
-        let addr = loop {
-            if let SwarmEvent::NewListenAddr { address, .. } = server.select_next_some().await {
-                break address;
-            }
-        };
+        let addr = crate::test_swarm::listen(&mut server).await;
         tokio::spawn(async move {
             loop {
                 server.select_next_some().await;

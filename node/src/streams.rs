@@ -583,20 +583,10 @@ mod tests {
         swarm_of(Behaviour::new)
     }
 
-    /// A swarm on TCP running the behaviour `make` builds.
+    /// A swarm on TCP running the behaviour `make` builds, negotiating eagerly so
+    /// that a refused protocol shows when the stream is opened.
     fn swarm_of<B: NetworkBehaviour>(make: impl FnOnce() -> B) -> Swarm<B> {
-        libp2p::SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(
-                Default::default(),
-                libp2p::noise::Config::new,
-                libp2p::yamux::Config::default,
-            )
-            .expect("tcp transport")
-            .with_behaviour(|_| make())
-            .expect("behaviour")
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build()
+        crate::test_swarm::tcp(make, libp2p::core::upgrade::Version::V1)
     }
 
     /// Drives `swarm` until `work` is done.
@@ -619,14 +609,7 @@ mod tests {
         let mut client = swarm();
         let server_id = *server.local_peer_id();
         let client_id = *client.local_peer_id();
-        server
-            .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
-            .expect("listen");
-        let addr = loop {
-            if let SwarmEvent::NewListenAddr { address, .. } = server.select_next_some().await {
-                break address;
-            }
-        };
+        let addr = crate::test_swarm::listen(&mut server).await;
         let mut incoming = server
             .behaviour()
             .new_control()
@@ -726,14 +709,7 @@ mod tests {
         let mut server = swarm_of(|| crate::flat_protocols::Flat::new(Behaviour::new()));
         let mut client = swarm();
         let server_id = *server.local_peer_id();
-        server
-            .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
-            .expect("listen");
-        let addr = loop {
-            if let SwarmEvent::NewListenAddr { address, .. } = server.select_next_some().await {
-                break address;
-            }
-        };
+        let addr = crate::test_swarm::listen(&mut server).await;
         let mut server_control = server.behaviour().new_control();
         tokio::spawn(async move {
             loop {
