@@ -101,6 +101,9 @@ struct PeerState {
     agent: Option<String>,
     protocol_version: Option<String>,
     rtt: Option<Duration>,
+    /// Whether its identify lists ping (None until it arrives): a peer that does not
+    /// speak ping is not closed for failed pings (see `on_ping`).
+    pings: Option<bool>,
 }
 
 /// The loop's state; built by [`crate::node`], then driven by [`EventLoop::run`].
@@ -544,6 +547,7 @@ impl EventLoop {
             agent: None,
             protocol_version: None,
             rtt: None,
+            pings: None,
         });
         state.connections.insert(
             connection_id,
@@ -920,6 +924,7 @@ impl EventLoop {
         if let Some(state) = self.peers.get_mut(&peer_id) {
             state.agent = Some(info.agent_version.clone());
             state.protocol_version = Some(info.protocol_version.clone());
+            state.pings = Some(info.protocols.contains(&ping::PROTOCOL_NAME));
         }
         // A peer chooses what it announces: keep a few dialable addresses, and let the
         // routing table hold what it announced last, not everything it ever did.
@@ -931,7 +936,14 @@ impl EventLoop {
             .collect();
         // Only peers that speak our DHT go into the routing table; others (a
         // py-libp2p peer on a topic, say) stay connected but are not handed out.
-        if !info.protocols.contains(&KAD_PROTOCOL) || dialable.is_empty() {
+        // Kademlia may have put one there already: a stream opened lazily looks
+        // accepted before the peer answers (see `negotiation`), and Kademlia takes the
+        // first opened stream as proof, so identify's word overrules it.
+        if !info.protocols.contains(&KAD_PROTOCOL) {
+            self.swarm.behaviour_mut().kad.remove_peer(&peer_id);
+            return;
+        }
+        if dialable.is_empty() {
             return;
         }
         // Kademlia stores addresses with `/p2p/<id>` appended; identify's come without.
@@ -977,9 +989,16 @@ impl EventLoop {
                 self.traversal.on_rtt(event.peer, rtt);
             }
             // A peer without ping is not dead; it just cannot be measured. Streams are
-            // negotiated lazily, so its refusal comes as a failed ping.
+            // negotiated lazily, so its refusal comes as a failed ping: an "na" we can
+            // read, or (some implementations reset a refused stream, and QUIC drops
+            // unread data on a reset) only the identify that did not list ping.
             Err(ping::Failure::Unsupported) => {}
-            Err(e) if crate::negotiation::refused(&e) => {}
+            Err(e)
+                if crate::negotiation::refused(&e)
+                    || self
+                        .peers
+                        .get(&event.peer)
+                        .is_some_and(|s| s.pings == Some(false)) => {}
             Err(e) => {
                 tracing::debug!(peer = %event.peer, error = %e, "ping failed; closing the connection");
                 self.metrics.ping_failures.inc();

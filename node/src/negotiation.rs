@@ -1,24 +1,32 @@
 //! Lazy protocol negotiation on outbound streams, and how a peer's refusal shows.
 //!
 //! Servant's swarm proposes the protocol of every stream it opens lazily
-//! (multistream-select's `V1Lazy`, the optimistic negotiation go-libp2p does by
-//! default): the proposal leaves with the stream's first message instead of a round
-//! trip ahead of it. A request-response exchange (search, every file chunk), a
-//! Kademlia request, a relay reservation or circuit and DCUtR's CONNECT through the
-//! relay each cost one round trip less. The listening side, and so every other
-//! implementation, sees the same bytes as before.
+//! (multistream-select's `V1Lazy`): the proposal leaves with the stream's first
+//! message instead of a round trip ahead of it. A request-response exchange (search,
+//! every file chunk), a Kademlia request, a relay reservation or circuit and DCUtR's
+//! CONNECT through the relay each cost one round trip less. go-libp2p does the same for
+//! protocols identify has told it the peer speaks; Servant does it for every stream
+//! and deals with refusals where they land. A listener that accepts sees the same bytes
+//! as under eager negotiation.
 //!
 //! The price: a peer that does not speak the protocol no longer refuses it before
-//! the stream opens. The stream opens, the first message goes out, and the refusal
-//! comes back where the answer would, as an I/O error on the first read that carries
-//! multistream-select's [`NegotiationError::Failed`]. [`refused`] finds it, so code
-//! that treats "the peer does not speak this" apart from "the exchange failed" (ping,
-//! the AutoNAT probe) keeps doing so. Where a stream offers several versions (gossipsub),
-//! all but the last are still proposed one round trip at a time.
+//! the stream opens. The stream opens, the first message goes out (the peer reads it
+//! as a second proposal and fails the negotiation), and the refusal comes back where
+//! the answer would, as an I/O error on the first read that carries
+//! multistream-select's [`NegotiationError::Failed`]; [`refused`] finds it. Some
+//! implementations reset a refused stream instead, and on QUIC a reset can overtake
+//! the refusal, so callers that must not misread a refusal also check what the
+//! peer's identify lists (ping in the event loop, AutoNAT servers chosen by it). A stream that
+//! only writes (a Kademlia ADD_PROVIDER, an identify push) never learns of a refusal; a
+//! refused stream must be dropped, not used again (multistream-select panics on
+//! further I/O). Where a stream offers several versions (gossipsub), all but the last
+//! are still proposed one round trip at a time, and Kademlia's routing table, which
+//! takes a stream opened as proof of support, is corrected by identify (`on_identify`).
 //!
-//! The one pitfall multistream-select documents for lazy dialers is nested
-//! negotiation, where a refused proposal's data could be read as a second proposal;
-//! Servant negotiates nothing inside a negotiated stream.
+//! The pitfall multistream-select documents for lazy dialers is a nested negotiation
+//! whose inner proposal follows an unconfirmed outer one. Servant's one nesting, a
+//! relayed connection's noise and yamux inside a relay HOP or STOP stream, waits for
+//! the relay's status reply before the inner negotiation starts.
 
 use std::{error::Error, io};
 
@@ -28,7 +36,9 @@ use libp2p::core::upgrade::{NegotiationError, Version};
 pub const OUTBOUND: Version = Version::V1Lazy;
 
 /// Whether `error`, or an error it wraps, is the remote refusing the protocol the
-/// stream was opened for (it supports none of the ones proposed).
+/// stream was opened for (it supports none of the ones proposed). Errors that keep
+/// their cause out of `source()` must be unwrapped first: for a request-response
+/// `OutboundFailure::Io(e)`, pass `e`.
 pub fn refused(error: &(dyn Error + 'static)) -> bool {
     let mut next = Some(error);
     while let Some(e) = next {
