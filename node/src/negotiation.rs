@@ -63,19 +63,15 @@ pub fn refused(error: &(dyn Error + 'static)) -> bool {
 mod tests {
     use std::time::Duration;
 
+    use anyhow::Context;
     use futures::StreamExt;
     use libp2p::{
         ping,
-        swarm::{dummy, NetworkBehaviour, SwarmEvent},
-        Swarm,
+        swarm::{dummy, SwarmEvent},
     };
 
     use super::*;
-
-    /// A swarm on TCP that opens its streams as Servant's does.
-    fn swarm_of<B: NetworkBehaviour>(make: impl FnOnce() -> B) -> Swarm<B> {
-        crate::test_swarm::tcp(make, OUTBOUND)
-    }
+    use crate::test_swarm;
 
     #[test]
     fn other_failures_are_not_refusals() {
@@ -89,18 +85,20 @@ mod tests {
     /// A real peer without ping: the lazy proposal goes out with the first ping, the
     /// peer answers "na", and the failure ping reports is recognised as a refusal.
     #[tokio::test]
-    async fn a_peer_without_the_protocol_shows_as_refused() {
-        let mut server = swarm_of(|| dummy::Behaviour);
-        let mut client = swarm_of(|| {
-            ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_millis(50)))
-        });
-        let addr = crate::test_swarm::listen(&mut server).await;
+    async fn a_peer_without_the_protocol_shows_as_refused() -> anyhow::Result<()> {
+        // Both as Servant's swarm opens streams: lazily.
+        let mut server = test_swarm::tcp(|| dummy::Behaviour, OUTBOUND)?;
+        let mut client = test_swarm::tcp(
+            || ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_millis(50))),
+            OUTBOUND,
+        )?;
+        let addr = test_swarm::listen(&mut server).await?;
         tokio::spawn(async move {
             loop {
                 server.select_next_some().await;
             }
         });
-        client.dial(addr).expect("dial");
+        client.dial(addr)?;
         let failure = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
                 if let SwarmEvent::Behaviour(ping::Event { result: Err(e), .. }) =
@@ -111,12 +109,13 @@ mod tests {
             }
         })
         .await
-        .expect("a ping failure within 20 s");
+        .context("no ping failure within 20 s")?;
         // Under V1 ping would have said Unsupported before any stream opened.
         assert!(
             matches!(failure, ping::Failure::Other { .. }),
             "{failure:?}"
         );
         assert!(refused(&failure), "{failure:?}");
+        Ok(())
     }
 }

@@ -579,13 +579,13 @@ mod tests {
     const ECHO: StreamProtocol = StreamProtocol::new("/servant/test/echo");
     const ELSE: StreamProtocol = StreamProtocol::new("/servant/test/else");
 
-    fn swarm() -> Swarm<Behaviour> {
+    fn swarm() -> anyhow::Result<Swarm<Behaviour>> {
         swarm_of(Behaviour::new)
     }
 
     /// A swarm on TCP running the behaviour `make` builds, negotiating eagerly so
     /// that a refused protocol shows when the stream is opened.
-    fn swarm_of<B: NetworkBehaviour>(make: impl FnOnce() -> B) -> Swarm<B> {
+    fn swarm_of<B: NetworkBehaviour>(make: impl FnOnce() -> B) -> anyhow::Result<Swarm<B>> {
         crate::test_swarm::tcp(make, libp2p::core::upgrade::Version::V1)
     }
 
@@ -604,12 +604,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn streams_open_and_nothing_is_kept_after_their_connection_closes() {
-        let mut server = swarm();
-        let mut client = swarm();
+    async fn streams_open_and_nothing_is_kept_after_their_connection_closes() -> anyhow::Result<()>
+    {
+        let mut server = swarm()?;
+        let mut client = swarm()?;
         let server_id = *server.local_peer_id();
         let client_id = *client.local_peer_id();
-        let addr = crate::test_swarm::listen(&mut server).await;
+        let addr = crate::test_swarm::listen(&mut server).await?;
         let mut incoming = server
             .behaviour()
             .new_control()
@@ -700,16 +701,18 @@ mod tests {
         .await;
         assert!(closed.is_ok(), "the connection closed within 10 s");
         assert_eq!(client.behaviour().tracked(), (0, 0));
+        Ok(())
     }
 
     #[tokio::test]
-    async fn a_protocol_accepted_or_given_up_on_a_live_connection_is_offered_or_withdrawn() {
+    async fn a_protocol_accepted_or_given_up_on_a_live_connection_is_offered_or_withdrawn(
+    ) -> anyhow::Result<()> {
         // The server runs as the node does, behind the flat protocol list, so a
         // change that reached the list only by a shared map would trip its check.
-        let mut server = swarm_of(|| crate::flat_protocols::Flat::new(Behaviour::new()));
-        let mut client = swarm();
+        let mut server = swarm_of(|| crate::flat_protocols::Flat::new(Behaviour::new()))?;
+        let mut client = swarm()?;
         let server_id = *server.local_peer_id();
-        let addr = crate::test_swarm::listen(&mut server).await;
+        let addr = crate::test_swarm::listen(&mut server).await?;
         let mut server_control = server.behaviour().new_control();
         tokio::spawn(async move {
             loop {
@@ -762,5 +765,6 @@ mod tests {
         })
         .await;
         assert_eq!(withdrawn, Some(ELSE));
+        Ok(())
     }
 }
