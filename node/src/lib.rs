@@ -30,6 +30,7 @@ pub mod datadir;
 pub mod deny;
 pub mod doctor;
 pub mod duplicates;
+pub mod error_chain;
 pub mod event_loop;
 pub mod fetch;
 pub mod files;

@@ -28,7 +28,7 @@
 //! relayed connection's noise and yamux inside a relay HOP or STOP stream, waits for
 //! the relay's status reply before the inner negotiation starts.
 
-use std::{error::Error, io};
+use std::error::Error;
 
 use libp2p::core::upgrade::{NegotiationError, Version};
 
@@ -40,28 +40,17 @@ pub const OUTBOUND: Version = Version::V1Lazy;
 /// their cause out of `source()` must be unwrapped first: for a request-response
 /// `OutboundFailure::Io(e)`, pass `e`.
 pub fn refused(error: &(dyn Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if matches!(
+    crate::error_chain::causes(error).iter().any(|e| {
+        matches!(
             e.downcast_ref::<NegotiationError>(),
             Some(NegotiationError::Failed)
-        ) {
-            return true;
-        }
-        // An io::Error hides a custom payload from `source()`: look inside it.
-        if let Some(inner) = e.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
-            if refused(inner) {
-                return true;
-            }
-        }
-        next = e.source();
-    }
-    false
+        )
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{io, time::Duration};
 
     use anyhow::Context;
     use futures::StreamExt;

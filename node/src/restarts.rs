@@ -67,19 +67,14 @@ pub fn timed_out(cause: &libp2p::swarm::ConnectionError) -> bool {
     let libp2p::swarm::ConnectionError::IO(e) = cause else {
         return false;
     };
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = next {
+    crate::error_chain::causes(e).iter().any(|err| {
         let io_timeout = err
             .downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
         // quinn's idle timeout reaches us boxed in libp2p-quic's own error type,
         // which keeps no io::ErrorKind: its text is all that says what happened.
-        if io_timeout || err.to_string() == "timed out" {
-            return true;
-        }
-        next = err.source();
-    }
-    false
+        io_timeout || err.to_string() == "timed out"
+    })
 }
 
 struct Suspect {
