@@ -179,10 +179,17 @@ async fn denied_peers_and_runtime_bans() -> Result<()> {
     assert!(outcome.closed_connections >= 1, "{outcome:?}");
     {
         let net = &net;
+        // Both ends: a friend that has not yet seen the close would answer the next
+        // connect from the connection it still holds.
+        let guard_id = net[guard].id();
         eventually(
             Duration::from_secs(5),
             "loopback peers dropped",
-            || async move { Ok(net[guard].peer_ids().await?.is_empty().then_some(())) },
+            || async move {
+                let guard_alone = net[guard].peer_ids().await?.is_empty();
+                let friend_left = !net[friend].peer_ids().await?.contains(&guard_id);
+                Ok((guard_alone && friend_left).then_some(()))
+            },
         )
         .await?;
     }
