@@ -73,12 +73,40 @@ fn ephemeral_low() -> u16 {
         .unwrap_or(32768)
 }
 
+/// The range `free_port` draws from: `SERVANT_TEST_PORTS` (`LOW-HIGH`, high exclusive)
+/// where it is set, so that test processes running at once (the CI soak beside the
+/// other tests) draw from ranges of their own; otherwise the 12,000 ports below the
+/// ephemeral range.
+///
+/// # Panics
+/// When `SERVANT_TEST_PORTS` is set but is not `LOW-HIGH` with 1024 <= LOW < HIGH: a
+/// misspelt range would otherwise let two test processes share ports without a word.
+fn port_range() -> (u16, u16) {
+    match std::env::var("SERVANT_TEST_PORTS") {
+        Ok(given) => {
+            let parsed = given.split_once('-').and_then(|(low, high)| {
+                Some((
+                    low.trim().parse::<u16>().ok()?,
+                    high.trim().parse::<u16>().ok()?,
+                ))
+            });
+            match parsed {
+                Some((low, high)) if 1024 <= low && low < high => (low, high),
+                _ => panic!("SERVANT_TEST_PORTS={given:?}: expected LOW-HIGH, 1024 <= LOW < HIGH"),
+            }
+        }
+        Err(_) => {
+            let high = ephemeral_low().max(2048);
+            (high.saturating_sub(12_000).max(1024), high)
+        }
+    }
+}
+
 /// A port free for both TCP and UDP on 127.0.0.1 (and TCP on every address), below the
 /// ephemeral range so no outgoing connection takes it meanwhile, and never handed out
-/// twice per process.
+/// twice per process; from `SERVANT_TEST_PORTS` where that is set.
 pub fn free_port() -> u16 {
-    let high = ephemeral_low().max(2048);
-    let low = high.saturating_sub(12_000).max(1024);
+    let (low, high) = port_range();
     loop {
         let port = rand::Rng::gen_range(&mut rand::thread_rng(), low..high);
         let free = TcpListener::bind(("0.0.0.0", port)).is_ok()

@@ -1,9 +1,14 @@
-//! The CI soak: `servant-bench soak` for 5 minutes at 10x churn, with `--check`.
+//! The CI soak: `servant-bench soak` at 10x churn, five measured minutes after a
+//! fifteen-minute warm-up, with `--check`.
 //!
 //! Real `servant` processes (the debug build `cargo test` makes) leave and come back
 //! every 3 s while broadcasts, shares and fetches go on; the nodes that stay must
 //! show no memory, descriptor or task growth and no panic (see the bench's `soak`
-//! module for the criteria and how each is measured).
+//! module for the criteria and how each is measured). Every criterion but memory
+//! counts the warm-up's samples too.
+//!
+//! About 22 minutes in all, so `tests/run-all.sh` starts it in the background as soon
+//! as the build is done and the other tests run beside it.
 
 use std::{
     process::Command,
@@ -13,14 +18,20 @@ use std::{
 use anyhow::{Context, Result};
 use servant_tests::servant_bin;
 
-/// Criteria the node misses today (README, "Soak": resident memory still rises about
-/// 2 MiB per 10 minutes over the last 80% of a 5-minute debug run, slowing down from
-/// quarter to quarter). They are measured and printed but not asserted; every other
-/// criterion is. Delete an entry once it passes (the test says when it does).
-const KNOWN_FAILING: &[&str] = &["RSS slope, last 80% of the load"];
+/// Load and churn before the measured five minutes. A node's resident memory rises
+/// for its first ten minutes or so while its windowed caches fill and its heap finds
+/// the most connections it will hold at once; from a cold start five minutes are all
+/// warm-up (about 2 MiB per 10 minutes), and after ten the slope was still near the
+/// target on one node in eight (README, Soak).
+const WARMUP: &str = "15m";
+
+/// Criteria the node misses today, measured and printed but not asserted; every
+/// other criterion is. Empty: add one only with the README saying why, and delete it
+/// once it passes (the test says when it does).
+const KNOWN_FAILING: &[&str] = &[];
 
 #[test]
-fn five_minutes_at_ten_times_churn() -> Result<()> {
+fn ci_soak_five_minutes_after_warm_up() -> Result<()> {
     // Under cargo's target directory, so a failed run's report and table stay there
     // to read (the table says where the nodes' logs were kept).
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("soak.json");
@@ -28,7 +39,8 @@ fn five_minutes_at_ten_times_churn() -> Result<()> {
     // The bench prints its progress on stderr and the table on stdout; both pass
     // through to the test's output.
     let status = Command::new(env!("CARGO_BIN_EXE_servant-bench"))
-        .args(["soak", "--duration", "5m", "--churn-multiplier", "10"])
+        .args(["soak", "--warmup", WARMUP, "--duration", "5m"])
+        .args(["--churn-multiplier", "10"])
         .arg("--servant-bin")
         .arg(servant_bin())
         .arg("--out")
