@@ -83,23 +83,24 @@ fn ephemeral_low() -> u16 {
 /// misspelt range would otherwise let two test processes share ports without a word.
 fn port_range() -> (u16, u16) {
     match std::env::var("SERVANT_TEST_PORTS") {
-        Ok(given) => {
-            let parsed = given.split_once('-').and_then(|(low, high)| {
-                Some((
-                    low.trim().parse::<u16>().ok()?,
-                    high.trim().parse::<u16>().ok()?,
-                ))
-            });
-            match parsed {
-                Some((low, high)) if 1024 <= low && low < high => (low, high),
-                _ => panic!("SERVANT_TEST_PORTS={given:?}: expected LOW-HIGH, 1024 <= LOW < HIGH"),
-            }
-        }
+        Ok(given) => parse_port_range(&given).unwrap_or_else(|| {
+            panic!("SERVANT_TEST_PORTS={given:?}: expected LOW-HIGH, 1024 <= LOW < HIGH")
+        }),
         Err(_) => {
             let high = ephemeral_low().max(2048);
             (high.saturating_sub(12_000).max(1024), high)
         }
     }
+}
+
+/// `LOW-HIGH` with 1024 <= LOW < HIGH, as `SERVANT_TEST_PORTS` gives it.
+fn parse_port_range(given: &str) -> Option<(u16, u16)> {
+    let (low, high) = given.split_once('-')?;
+    let (low, high) = (
+        low.trim().parse::<u16>().ok()?,
+        high.trim().parse::<u16>().ok()?,
+    );
+    (1024 <= low && low < high).then_some((low, high))
 }
 
 /// A port free for both TCP and UDP on 127.0.0.1 (and TCP on every address), below the
@@ -699,4 +700,26 @@ pub fn skip_unless(available: bool, what: &str) -> bool {
 /// libp2p while chasing a failure), else the node's own debug lines.
 fn node_log_level() -> String {
     std::env::var("SERVANT_TEST_LOG_LEVEL").unwrap_or_else(|_| "info,servant=debug".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_port_range;
+
+    #[test]
+    fn port_ranges_are_low_dash_high_above_the_privileged_ports() {
+        assert_eq!(parse_port_range("19768-20768"), Some((19768, 20768)));
+        assert_eq!(parse_port_range(" 2000 - 3000 "), Some((2000, 3000)));
+        for bad in [
+            "",
+            "2000",
+            "3000-2000",
+            "2000-2000",
+            "80-3000",
+            "2000-70000",
+            "a-b",
+        ] {
+            assert_eq!(parse_port_range(bad), None, "{bad:?}");
+        }
+    }
 }
