@@ -1,4 +1,4 @@
-//! The CI soak: `servant-bench soak` at 10x churn, five measured minutes after a
+//! The CI soak: `servant-bench soak` at 10x churn, ten measured minutes after a
 //! fifteen-minute warm-up, with `--check`.
 //!
 //! Real `servant` processes (the debug build `cargo test` makes) leave and come back
@@ -7,7 +7,7 @@
 //! module for the criteria and how each is measured). Every criterion but memory
 //! counts the warm-up's samples too.
 //!
-//! About 22 minutes in all, so `tests/run-all.sh` starts it in the background as soon
+//! About 27 minutes in all, so `tests/run-all.sh` starts it in the background as soon
 //! as the build is done and the other tests run beside it.
 
 use std::{
@@ -18,12 +18,18 @@ use std::{
 use anyhow::{Context, Result};
 use servant_tests::servant_bin;
 
-/// Load and churn before the measured five minutes. A node's resident memory rises
-/// for its first ten minutes or so while its windowed caches fill and its heap finds
-/// the most connections it will hold at once; from a cold start five minutes are all
-/// warm-up (about 2 MiB per 10 minutes), and after ten the slope was still near the
-/// target on one node in eight (README, Soak).
+/// Load and churn before the measured minutes. A node's resident memory rises for its
+/// first ten minutes or so while its windowed caches fill and its heap finds the most
+/// connections it will hold at once; from a cold start five minutes are all warm-up
+/// (about 2 MiB per 10 minutes), and after ten the slope was still near the target on
+/// one node in eight (README, Soak).
 const WARMUP: &str = "15m";
+
+/// The measured load. Resident memory still rises in one step of 0.2-0.3 MB when a node
+/// meets a new high of connections, rarer as a run goes on but not gone after the
+/// warm-up: over five measured minutes (a 4-minute slope window) such a step near the
+/// window's middle alone makes about 1.1 MiB per 10 minutes; over ten, about 0.55.
+const MEASURED: &str = "10m";
 
 /// Criteria the node misses today, measured and printed but not asserted; every
 /// other criterion is. Empty: add one only with the README saying why, and delete it
@@ -31,7 +37,7 @@ const WARMUP: &str = "15m";
 const KNOWN_FAILING: &[&str] = &[];
 
 #[test]
-fn ci_soak_five_minutes_after_warm_up() -> Result<()> {
+fn ci_soak_after_warm_up() -> Result<()> {
     // Under cargo's target directory, so a failed run's report and table stay there
     // to read (the table says where the nodes' logs were kept).
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("soak.json");
@@ -39,7 +45,7 @@ fn ci_soak_five_minutes_after_warm_up() -> Result<()> {
     // The bench prints its progress on stderr and the table on stdout; both pass
     // through to the test's output.
     let status = Command::new(env!("CARGO_BIN_EXE_servant-bench"))
-        .args(["soak", "--warmup", WARMUP, "--duration", "5m"])
+        .args(["soak", "--warmup", WARMUP, "--duration", MEASURED])
         .args(["--churn-multiplier", "10"])
         .arg("--servant-bin")
         .arg(servant_bin())
@@ -79,8 +85,8 @@ fn ci_soak_five_minutes_after_warm_up() -> Result<()> {
     // tasks after, panics, deaths, streams after. Fewer would mean one went unchecked.
     assert_eq!(criteria.len(), 8, "criteria: {criteria:?}");
     assert!(
-        report["load_secs"].as_f64().unwrap_or(0.0) >= Duration::from_secs(290).as_secs_f64(),
-        "the load ran {} s, not 5 minutes",
+        report["load_secs"].as_f64().unwrap_or(0.0) >= Duration::from_secs(590).as_secs_f64(),
+        "the load ran {} s, not {MEASURED}",
         report["load_secs"]
     );
     let mut failed = Vec::new();
