@@ -13,7 +13,9 @@ pub fn causes<'a>(error: &'a (dyn Error + 'static)) -> Vec<&'a (dyn Error + 'sta
     while let Some(e) = next {
         all.push(e);
         if let Some(payload) = e.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
+            // The io::Error's own `source()` is the payload's, which this call walks.
             all.extend(causes(payload));
+            break;
         }
         next = e.source();
     }
@@ -25,8 +27,12 @@ mod tests {
     use super::*;
 
     #[derive(Debug, thiserror::Error)]
+    #[error("deepest")]
+    struct Deepest;
+
+    #[derive(Debug, thiserror::Error)]
     #[error("inner")]
-    struct Inner;
+    struct Inner(#[source] Deepest);
 
     #[derive(Debug, thiserror::Error)]
     #[error("outer")]
@@ -34,7 +40,7 @@ mod tests {
 
     #[test]
     fn the_payload_of_an_io_error_is_among_the_causes() {
-        let error = Outer(io::Error::other(Inner));
+        let error = Outer(io::Error::other(Inner(Deepest)));
         let found = causes(&error);
         assert!(found.iter().any(|e| e.downcast_ref::<Inner>().is_some()));
         assert!(found
@@ -44,5 +50,8 @@ mod tests {
             found[0].downcast_ref::<Outer>().is_some(),
             "outermost first"
         );
+        // Outer, the io::Error, Inner, Deepest: each once (the io::Error's `source()`
+        // leads to Deepest again).
+        assert_eq!(found.len(), 4, "{found:?}");
     }
 }
