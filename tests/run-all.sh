@@ -40,7 +40,7 @@ soak_pgid_file="$target_dir/ci-soak.pgid"
 # CPU: stop it first (only if that process group is still a soak).
 if [ -f "$soak_pgid_file" ]; then
     old=$(cat "$soak_pgid_file")
-    if ps -o args= -p "$old" 2>/dev/null | grep -q "$soak_test"; then
+    if tr '\0' ' ' 2>/dev/null <"/proc/$old/cmdline" | grep -q "$soak_test"; then
         echo "run-all: stopping a soak left running by an earlier run (process group $old)"
         kill -- -"$old" 2>/dev/null || true
     fi
